@@ -1,0 +1,328 @@
+"""Command-line configuration with bittensor-style dotted flags.
+
+Every flag can also come from the environment or a `.env` file: `--dht.port` is read from
+`DHT_PORT`. Precedence is flag > environment > `.env` > default, so an operator can keep shared
+defaults in `.env`, override one per pm2 process in the environment, and still win on the command
+line. A bad value exits with code 2 and one line naming the flag and the fix, before anything
+heavy (torch, hivemind, the chain) is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from dotenv import dotenv_values
+
+MODEL_PRESETS = ("tiny", "gpt2-124m", "gpt2-250m", "gpt2-677m")
+DATA_SOURCES = ("local", "hf")
+COMPRESSIONS = ("none", "fp16", "uint8")
+EMBEDDED_NETWORK = "embedded"
+BITTENSOR_NETWORKS = ("finney", "test", "local", "archive")
+BEHAVIOURS = ("honest", "dead", "liar", "copycat", "lazy", "stale")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the flag and how to fix it."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be zero or a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number between 1 and 65535 (0 picks a free port)")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise ValueError("must be a number in (0, 1]")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be zero or a positive number")
+    return value
+
+
+def _ip(text: str) -> str:
+    ipaddress.ip_address(text)
+    return text
+
+
+def _bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _multiaddr_list(text: str) -> list[str]:
+    """Comma- or space-separated multiaddrs, each ending in /p2p/<peer id>."""
+    from hivemind.utils.multiaddr import Multiaddr  # light import; no process is started
+
+    addrs = [part for part in text.replace(",", " ").split() if part]
+    for addr in addrs:
+        try:
+            parsed = Multiaddr(addr)
+        except Exception as exc:  # the multiaddr library raises several unrelated types
+            raise ValueError(f"{addr!r} is not a multiaddr ({exc})") from None
+        if "/p2p/" not in str(parsed):
+            raise ValueError(f"{addr!r} lacks the /p2p/<peer id> part; copy the full address a peer prints at start")
+    return addrs
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One dotted flag: its type, default and the environment variable that can set it."""
+
+    name: str
+    parse: Callable[[str], Any] = str
+    default: Any = None
+    help: str = ""
+    choices: Optional[Sequence[str]] = None
+    is_switch: bool = False
+    roles: tuple[str, ...] = ("miner", "validator")
+
+    @property
+    def env(self) -> str:
+        return self.name.replace(".", "_").replace("-", "_").upper()
+
+
+def _common_flags() -> list[Flag]:
+    return [
+        Flag("netuid", _non_negative_int, 25, "subnet uid"),
+        Flag("subtensor.network", str, EMBEDDED_NETWORK,
+             f"chain: {EMBEDDED_NETWORK} (SQLite on this machine), finney, test, local or ws://host:port"),
+        Flag("subtensor.chain_endpoint", str, None, "websocket endpoint of a subtensor node (overrides the network's)"),
+        Flag("chain.db", str, "~/.distributed-training/chain.sqlite", f"SQLite file of the {EMBEDDED_NETWORK} chain"),
+        Flag("wallet.name", str, "default", "coldkey wallet name"),
+        Flag("wallet.hotkey", str, "default", "hotkey name"),
+        Flag("wallet.path", str, "~/.bittensor/wallets", "where wallets live"),
+        Flag("logging.debug", _bool, False, "verbose logs", is_switch=True),
+        Flag("logging.dir", str, None, "also write logs to a file in this directory"),
+        Flag("axon.port", _port, 8091, "port of the miner's signed HTTP endpoint"),
+        Flag("axon.ip", _ip, "0.0.0.0", "interface the HTTP endpoint binds to"),
+        Flag("axon.external_ip", _ip, None, "ip published on chain (default: --dht.announce_ip, else 127.0.0.1)"),
+        Flag("dht.port", _port, 0, "port hivemind's DHT listens on (tcp and udp/quic); 0 picks a free one"),
+        Flag("dht.announce_ip", _ip, None, "public ip other peers reach this DHT on"),
+        Flag("dht.initial_peers", _multiaddr_list, [], "multiaddrs of running peers to join (comma separated)"),
+        Flag("dht.use_quic", _bool, False, "also listen on udp/quic", is_switch=True),
+        Flag("dht.bootstrap_attempts", _positive_int, 5, "how many times to try joining the initial peers"),
+        Flag("dht.bootstrap_timeout", _positive_float, 120.0, "seconds to keep trying to join before giving up"),
+        Flag("neuron.run_id", str, "dt-local", "training run id: DHT keys and the swarm are namespaced by it"),
+        Flag("neuron.device", str, "auto", "torch device: auto, cpu, cuda or cuda:N"),
+        Flag("neuron.state_dir", str, None,
+             "where checkpoints, score books and logs go (default ~/.distributed-training/<wallet>/<hotkey>)"),
+        Flag("neuron.torch_threads", _non_negative_int, 0, "torch CPU threads (0: torch's default)"),
+        Flag("neuron.seed", _non_negative_int, 1337, "seed of the model's initialisation (same in every peer)"),
+        Flag("neuron.batch_size", _positive_int, 8, "sequences per local step"),
+        Flag("neuron.target_batch_size", _positive_int, 512, "sequences the whole swarm processes per global epoch"),
+        Flag("neuron.matchmaking_time", _positive_float, 15.0, "seconds to gather peers for an all-reduce"),
+        Flag("neuron.averaging_timeout", _positive_float, 60.0, "seconds an all-reduce may take"),
+        Flag("neuron.lr", _positive_float, 4e-4, "AdamW learning rate"),
+        Flag("neuron.weight_decay", _non_negative_float, 0.1, "AdamW weight decay"),
+        Flag("neuron.grad_clip", _non_negative_float, 1.0, "clip the global gradient norm to this (0 turns it off)"),
+        Flag("neuron.grad_compression", str, "none", "gradient compression on the wire", choices=COMPRESSIONS),
+        Flag("neuron.checkpoint_every", _non_negative_int, 1, "save a checkpoint every N global epochs (0: never)"),
+        Flag("neuron.max_epochs", _non_negative_int, 0, "stop after this many global epochs (0: run forever)"),
+        Flag("neuron.max_steps", _non_negative_int, 0, "stop after this many local steps (0: no limit)"),
+        Flag("neuron.wait_for_peers", _non_negative_int, 0,
+             "before training, wait until this many miners of the run are in the DHT", roles=("miner",)),
+        Flag("neuron.swarm_only", _bool, False,
+             "train in the swarm without a chain or an endpoint (connectivity checks, benchmarks)",
+             is_switch=True, roles=("miner",)),
+        Flag("neuron.uid", _non_negative_int, None, "uid whose pages to train on when not reading it from the chain"),
+        Flag("neuron.pages_per_round", _positive_int, 8, "pages a uid is assigned per round"),
+        Flag("model.preset", str, "tiny", "model size", choices=MODEL_PRESETS),
+        Flag("model.seq_len", _positive_int, None, "tokens per sequence (default: the preset's)"),
+        Flag("data.source", str, "local", "local: the shipped corpus offline; hf: a Hugging Face dataset",
+             choices=DATA_SOURCES),
+        Flag("data.assets_dir", str, None, "offline corpus and tokenizer (default ~/.cache/distributed-training/assets)"),
+        Flag("data.page_size", _positive_int, 4, "sequences per page"),
+        Flag("data.seed", _non_negative_int, 0, "seed of the page assignment (same for every validator)"),
+        Flag("data.dataset", str, "HuggingFaceFW/fineweb-edu", "Hugging Face dataset for --data.source hf"),
+        Flag("data.dataset_config", str, "sample-10BT", "its configuration name"),
+        Flag("data.split", str, "train", "its split"),
+        Flag("data.text_field", str, "text", "its text column"),
+        Flag("data.files", str, None, "local data files for --data.source hf (json, jsonl, parquet, txt)"),
+        Flag("data.tokenizer", str, "gpt2", "tokenizer for --data.source hf (a Hub name or a local directory)"),
+    ]
+
+
+def _role_flags() -> list[Flag]:
+    return [
+        Flag("neuron.behaviour", str, "honest", "test-only: make this miner misbehave", choices=BEHAVIOURS,
+             roles=("miner",)),
+        Flag("neuron.copy_uid", _non_negative_int, None, "test-only: the uid a copycat miner copies",
+             roles=("miner",)),
+        Flag("blacklist.min_stake", _non_negative_float, 0.0,
+             "reject validators with less stake than this", roles=("miner",)),
+        Flag("neuron.sample_size", _positive_int, 8, "miners queried per round", roles=("validator",)),
+        Flag("neuron.moving_average_alpha", _fraction, 0.05, "weight of the newest round in the moving average",
+             roles=("validator",)),
+        Flag("neuron.epoch_length", _positive_int, 100, "blocks between weight settings", roles=("validator",)),
+        Flag("neuron.timeout", _positive_float, 30.0, "seconds a miner has to answer", roles=("validator",)),
+        Flag("neuron.round_interval", _non_negative_float, 10.0, "seconds between rounds", roles=("validator",)),
+        Flag("neuron.verify_pages", _positive_int, 2, "pages per miner the validator recomputes",
+             roles=("validator",)),
+        Flag("neuron.loss_tolerance", _positive_float, 0.02,
+             "largest accepted |reported - recomputed| / recomputed loss", roles=("validator",)),
+        Flag("neuron.max_rounds", _non_negative_int, 0, "stop after this many rounds (0: run forever)",
+             roles=("validator",)),
+    ]
+
+
+def flags_for(role: str) -> list[Flag]:
+    return [flag for flag in _common_flags() + _role_flags() if role in flag.roles]
+
+
+def _nest(flat: dict[str, Any]) -> SimpleNamespace:
+    root = SimpleNamespace()
+    for dotted, value in flat.items():
+        node = root
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not hasattr(node, part):
+                setattr(node, part, SimpleNamespace())
+            node = getattr(node, part)
+        setattr(node, leaf, value)
+    return root
+
+
+@dataclass
+class Settings:
+    """Where each value came from, so `--help`-style dumps can say why a value is what it is."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def _read_dotenv(path: Optional[Path]) -> dict[str, str]:
+    candidate = path if path is not None else Path.cwd() / ".env"
+    if not candidate.is_file():
+        return {}
+    return {key: value for key, value in dotenv_values(candidate).items() if value is not None}
+
+
+def parse_config(role: str, argv: Optional[Iterable[str]] = None, *, env: Optional[dict[str, str]] = None,
+                 dotenv_path: Optional[Path] = None, prog: Optional[str] = None) -> SimpleNamespace:
+    """Parse flags for a role ("miner" or "validator"); raise ConfigError on a bad value."""
+    flags = flags_for(role)
+    parser = argparse.ArgumentParser(prog=prog or f"dt-{role}", description=f"distributed-training {role}",
+                                     allow_abbrev=False)
+    parser.add_argument("--env-file", default=None, help="a .env file to read (default: ./.env)")
+    for flag in flags:
+        kwargs: dict[str, Any] = {"dest": flag.name, "default": None, "help": f"{flag.help} [env {flag.env}]"}
+        if flag.is_switch:
+            kwargs["nargs"] = "?"
+            kwargs["const"] = "true"
+        if flag.choices:
+            kwargs["help"] += f" ({', '.join(flag.choices)})"
+        parser.add_argument(f"--{flag.name}", **kwargs)
+    parser.error = _raise_usage  # type: ignore[method-assign]
+    args = parser.parse_args(list(argv) if argv is not None else None)
+
+    environ = dict(os.environ) if env is None else env
+    dotenv = _read_dotenv(Path(args.env_file) if args.env_file else dotenv_path)
+    settings = Settings()
+    for flag in flags:
+        raw, source = getattr(args, flag.name), "flag"
+        if raw is None and flag.env in environ:
+            raw, source = environ[flag.env], "environment"
+        if raw is None and flag.env in dotenv:
+            raw, source = dotenv[flag.env], ".env"
+        if raw is None:
+            settings.values[flag.name], settings.sources[flag.name] = flag.default, "default"
+            continue
+        settings.values[flag.name] = _convert(flag, raw, source)
+        settings.sources[flag.name] = source
+    config = _nest(settings.values)
+    config.role = role
+    config.sources = settings.sources
+    _check_cross_field(config)
+    return config
+
+
+def _raise_usage(message: str) -> None:
+    raise ConfigError(f"{message} (see --help)")
+
+
+def _convert(flag: Flag, raw: Any, source: str) -> Any:
+    where = f"--{flag.name}" if source == "flag" else f"{flag.env} (from {source})"
+    if flag.choices and raw not in flag.choices:
+        raise ConfigError(f"{where}: {raw!r} is not one of {', '.join(flag.choices)}")
+    try:
+        return flag.parse(raw)
+    except (ValueError, TypeError) as exc:
+        reason = str(exc) or "has the wrong type"
+        if "invalid literal" in reason or "could not convert" in reason:
+            reason = f"expects a {flag.parse.__name__.strip('_').replace('_', ' ')}"
+        # Reasons that quote the offending part themselves are not prefixed with the whole value.
+        message = f"{where}: {reason}" if reason.startswith("'") else f"{where}: {raw!r} {reason}"
+        raise ConfigError(message) from None
+
+
+def _check_cross_field(config: SimpleNamespace) -> None:
+    network = config.subtensor.network
+    if network != EMBEDDED_NETWORK and network not in BITTENSOR_NETWORKS and not network.startswith(("ws://", "wss://")):
+        raise ConfigError(f"--subtensor.network: {network!r} is not {EMBEDDED_NETWORK}, "
+                          f"{', '.join(BITTENSOR_NETWORKS)} or a ws:// endpoint")
+    if config.data.source == "hf" and config.data.files:
+        missing = [part for part in config.data.files.split(",") if not Path(part).expanduser().exists()]
+        if missing:
+            raise ConfigError(f"--data.files: {missing[0]} does not exist; give existing files or drop the flag")
+    if config.neuron.target_batch_size < config.neuron.batch_size:
+        raise ConfigError("--neuron.target_batch_size must be at least --neuron.batch_size")
+    device = config.neuron.device
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ConfigError(f"--neuron.device: {device!r} is not auto, cpu, cuda or cuda:N")
+    if getattr(config.neuron, "behaviour", "honest") == "copycat" and config.neuron.copy_uid is None:
+        raise ConfigError("--neuron.behaviour copycat needs --neuron.copy_uid (the uid to copy)")
+
+
+def state_dir(config: SimpleNamespace) -> Path:
+    """The neuron's own directory for checkpoints, score books and logs."""
+    if config.neuron.state_dir:
+        return Path(config.neuron.state_dir).expanduser()
+    return Path("~/.distributed-training").expanduser() / config.wallet.name / config.wallet.hotkey / config.role
+
+
+def parse_or_exit(role: str, argv: Optional[Iterable[str]] = None) -> SimpleNamespace:
+    """Entry-point wrapper: a bad value prints one line to stderr and exits 2."""
+    try:
+        return parse_config(role, argv)
+    except ConfigError as exc:
+        print(f"dt-{role}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,96 @@
+"""Following the swarm without training: the validator's copy of the global model.
+
+A validator must recompute a miner's loss "with the same model state". Miners answer at their
+own epoch, which may trail the swarm's by one while an all-reduce completes, so the follower
+keeps snapshots of the last few epochs it has seen and evaluates pages against any of them.
+It also watches hivemind's signed progress records, the evidence that a miner's peer actually
+contributes samples to the swarm rather than only answering validators.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from hivemind.p2p import PeerID
+
+from .swarm import SwarmTrainer, page_losses
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeerProgress:
+    peer_id: str
+    epoch: int
+    samples_accumulated: int
+    samples_per_second: float
+
+
+class SwarmFollower:
+    """Keeps the swarm's latest model state and snapshots of recent epochs."""
+
+    def __init__(self, trainer: SwarmTrainer, keep_epochs: int = 4):
+        self.trainer = trainer
+        self.keep_epochs = keep_epochs
+        self.snapshots: "OrderedDict[int, dict[str, torch.Tensor]]" = OrderedDict()
+        self._scratch = copy.deepcopy(trainer.model).cpu().eval()
+        self._contributions: dict[str, dict[int, int]] = defaultdict(dict)
+        self._lock = threading.Lock()
+
+    @property
+    def swarm_epoch(self) -> int:
+        return max(self.trainer.global_epoch, self.trainer.local_epoch)
+
+    def refresh(self) -> int:
+        """Catch up with the swarm if it moved on; snapshot each epoch seen. Returns the local epoch."""
+        self.trainer.catch_up()
+        epoch = self.trainer.local_epoch
+        with self._lock:
+            if epoch not in self.snapshots:
+                self.snapshots[epoch] = {k: v.detach().cpu().clone() for k, v in self.trainer.model.state_dict().items()}
+                while len(self.snapshots) > self.keep_epochs:
+                    self.snapshots.popitem(last=False)
+        return epoch
+
+    def epochs(self) -> list[int]:
+        with self._lock:
+            return sorted(self.snapshots)
+
+    def losses_at(self, epoch: int, pages: Sequence[torch.Tensor]) -> list[float]:
+        with self._lock:
+            state = self.snapshots[epoch]
+            self._scratch.load_state_dict(state)
+            return page_losses(self._scratch, pages, torch.device("cpu"))
+
+    # -- contribution evidence --------------------------------------------------------------------
+    def poll_progress(self) -> dict[str, PeerProgress]:
+        """Read every peer's signed progress record and remember the most samples seen per epoch."""
+        found = self.trainer.dht.get(f"{self.trainer.settings.run_id}_progress", latest=True)
+        progress: dict[str, PeerProgress] = {}
+        if found is None or not isinstance(found.value, dict):
+            return progress
+        for entry in found.value.values():
+            value = getattr(entry, "value", None)
+            if not isinstance(value, dict):
+                continue
+            try:
+                peer = PeerID(value["peer_id"]).to_base58()
+                record = PeerProgress(peer, int(value["epoch"]), int(value["samples_accumulated"]),
+                                      float(value["samples_per_second"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+            progress[peer] = record
+            seen = self._contributions[peer]
+            seen[record.epoch] = max(seen.get(record.epoch, 0), record.samples_accumulated)
+        return progress
+
+    def contributed(self, peer_id: str, since_epoch: int) -> bool:
+        """True if the peer was seen with accumulated samples in any epoch >= since_epoch."""
+        return any(samples > 0 for epoch, samples in self._contributions.get(peer_id, {}).items()
+                   if epoch >= since_epoch)

@@ -1,0 +1,1 @@
+"""validation layer of distributed-training."""
