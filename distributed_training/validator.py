@@ -105,8 +105,11 @@ class Validator:
         started = time.monotonic()
         results = self.client.run_queries(targets, WORK_PATH, requests, WorkResponse)
         query_time = time.monotonic() - started
+        sync_started = time.monotonic()
         self.follower.poll_progress()
         self.follower.refresh()  # the swarm may have moved on while miners answered
+        sync_time = time.monotonic() - sync_started
+        verify_started = time.monotonic()
         verdicts, rows = {}, []
         for neuron in sampled:
             result = results.get(neuron.uid)
@@ -115,12 +118,12 @@ class Validator:
             entry = self.book.record(neuron.uid, neuron.hotkey, verdict.score, verdict.reason, verdict.responded)
             rows.append({"uid": neuron.uid, "hotkey": neuron.hotkey, "score": verdict.score, "reason": verdict.reason,
                          "moving_average": entry.moving_average, **detail})
+        verify_time = time.monotonic() - verify_started
         self.book.rounds += 1
         self._maybe_set_weights(block)
         self.book.save(self.book_path)
-        verify_time = time.monotonic() - started - query_time
         self.metrics.write("round", round=self.book.rounds, block=block, swarm_epoch=self.follower.swarm_epoch,
-                           query_s=query_time, verify_s=verify_time, rows=rows)
+                           query_s=query_time, sync_s=sync_time, verify_s=verify_time, verified=len(rows), rows=rows)
         self._log_table(rows, block, query_time, verify_time)
         return verdicts
 

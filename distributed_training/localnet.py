@@ -1,0 +1,505 @@
+"""`dt-local-swarm`: a whole subnet on this machine - embedded chain, DHT node, miners, one validator.
+
+It exists so that anyone can watch the incentive mechanism work end to end without a subtensor:
+honest miners train together, adversarial ones (dead, liar, copycat, lazy, stale) try to earn
+without doing so, and the validator's scores and chain weights should tell them apart. Every
+neuron runs as its own OS process (`ProcessGroup`), exactly as an operator would run it, so the
+run also exercises the real wallets, chain, signed HTTP and hivemind swarm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+from typing import Any, Optional, Sequence, TextIO
+
+from .logs import read_metrics
+from .processes import Neuron, ProcessFailed, ProcessGroup
+
+PROG = "dt-local-swarm"
+COLDKEY = "localnet"
+VALIDATOR = "validator"
+ADVERSARIES = (("dead", "dead"), ("liars", "liar"), ("copycats", "copycat"), ("lazy", "lazy"), ("stale", "stale"))
+MARKER = ".dt-local-swarm"  # only directories carrying it are ever wiped
+STARTUP_TIMEOUT = 300.0  # seconds for every miner to join (9 processes importing torch on 2 cores is slow)
+TAIL_LINES = 30
+# Small enough that a round of verification fits a laptop CPU, large enough that epochs take a few
+# matchmaking rounds. --axon.port 0: each miner binds a free port and publishes the bound one on chain.
+NEURON_FLAGS = [
+    "--axon.port", "0", "--axon.ip", "127.0.0.1", "--model.preset", "tiny", "--model.seq_len", "32",
+    "--neuron.batch_size", "4", "--neuron.target_batch_size", "160", "--neuron.matchmaking_time", "2",
+    "--neuron.averaging_timeout", "30", "--neuron.lr", "3e-3", "--neuron.torch_threads", "1",
+    "--neuron.pages_per_round", "4",
+]
+
+
+class UsageError(ValueError):
+    """A bad flag value; becomes one line on stderr and exit code 2."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One neuron of the local subnet; its hotkey name is also its process and state-dir name."""
+
+    uid: int
+    name: str
+    behaviour: str  # "validator" or one of config.BEHAVIOURS
+
+
+# -- flags ----------------------------------------------------------------------------------------
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expects zero or a positive integer, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expects zero or a positive number of seconds, got {text!r}")
+    return value
+
+
+def _raise_usage(message: str) -> None:
+    raise UsageError(message)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse and check the flags; UsageError names the flag (argparse's own exit is only for --help)."""
+    parser = argparse.ArgumentParser(prog=PROG, description="run a local subnet: chain, DHT, miners, validator",
+                                     allow_abbrev=False)
+    parser.error = _raise_usage  # type: ignore[method-assign]
+    parser.add_argument("--miners", type=_count, default=3, help="honest miners")
+    for flag, behaviour in ADVERSARIES:
+        parser.add_argument(f"--{flag}", type=_count, default=0, help=f"{behaviour} miners")
+    parser.add_argument("--rounds", type=_count, default=6, help="validator rounds to run")
+    parser.add_argument("--duration", type=_seconds, default=0.0, help="stop after this many seconds (0: no limit)")
+    parser.add_argument("--work-dir", type=Path, default=Path(".localnet"), help="wallets, chain, logs, state")
+    parser.add_argument("--summary-json", type=Path, default=None, help="write the final scores here")
+    parser.add_argument("--plot", type=Path, default=None, help="loss plot (default <work-dir>/loss.png)")
+    parser.add_argument("--netuid", type=_count, default=1)
+    parser.add_argument("--keep", action="store_true", help="resume in the existing work dir instead of wiping it")
+    parser.add_argument("--round-interval", type=_seconds, default=5.0, help="seconds between validator rounds")
+    args = parser.parse_args(argv)
+    if args.miners < 1:
+        raise UsageError("--miners must be at least 1: the swarm needs an honest miner to train and to be copied")
+    if args.rounds < 1:
+        raise UsageError("--rounds must be at least 1")
+    if args.netuid > 65535:
+        raise UsageError("--netuid must be in 0..65535")
+    # Absolute: the neurons run with the repository as their working directory, not ours.
+    args.work_dir = args.work_dir.expanduser().resolve()
+    args.plot = (args.plot or args.work_dir / "loss.png").expanduser().resolve()
+    if args.summary_json:
+        args.summary_json = args.summary_json.expanduser().resolve()
+    return args
+
+
+# -- layout and setup -------------------------------------------------------------------------------
+def plan_layout(honest: int, dead: int = 0, liars: int = 0, copycats: int = 0, lazy: int = 0,
+                stale: int = 0) -> list[Member]:
+    """Validator uid 0, honest miners next, then adversaries: the order registration gives uids in."""
+    kinds = ["honest"] * honest + ["dead"] * dead + ["liar"] * liars + ["copycat"] * copycats
+    kinds += ["lazy"] * lazy + ["stale"] * stale
+    return [Member(0, VALIDATOR, "validator")] + [Member(i + 1, f"miner{i}", b) for i, b in enumerate(kinds)]
+
+
+def layout_from_args(args: argparse.Namespace) -> list[Member]:
+    return plan_layout(args.miners, args.dead, args.liars, args.copycats, args.lazy, args.stale)
+
+
+def prepare_work_dir(work_dir: Path, keep: bool) -> None:
+    """Start from an empty work dir unless --keep; never wipe a directory this tool did not make."""
+    if work_dir.exists() and not work_dir.is_dir():
+        raise UsageError(f"--work-dir {work_dir} exists and is not a directory")
+    if work_dir.exists() and not keep:
+        if any(work_dir.iterdir()) and not (work_dir / MARKER).exists():
+            raise UsageError(f"--work-dir {work_dir} is not empty and was not made by {PROG}; "
+                             "pick a new directory (or pass --keep to use it as is)")
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / MARKER).touch()
+
+
+def run_id_for(work_dir: Path) -> str:
+    """A fresh run id, or with --keep the previous one, so resumed miners accept their checkpoints."""
+    path = work_dir / "run_id"
+    if path.exists():
+        return path.read_text().strip()
+    run_id = f"localnet-{random.randrange(16 ** 8):08x}"
+    path.write_text(run_id)
+    return run_id
+
+
+def register_all(work_dir: Path, netuid: int, layout: list[Member]) -> tuple[list[Member], dict[str, str]]:
+    """Wallets and registrations (both idempotent); returns the layout with the uids the chain gave."""
+    from .chain import LocalChain
+    from .identity import create_wallet
+
+    chain = LocalChain(work_dir / "chain.sqlite", block_time=1.0)
+    try:
+        chain.create_subnet(netuid, exist_ok=True)
+        registered, hotkeys = [], {}
+        for member in layout:
+            wallet = create_wallet(COLDKEY, member.name, work_dir / "wallets")
+            hotkey, is_validator = wallet.hotkey.ss58_address, member.behaviour == "validator"
+            uid = chain.register(netuid, hotkey, wallet.coldkeypub.ss58_address)
+            chain.set_stake(netuid, hotkey, 1000.0 if is_validator else 0.0, validator_permit=is_validator)
+            registered.append(Member(uid, member.name, member.behaviour))
+            hotkeys[member.name] = hotkey
+        return registered, hotkeys
+    finally:
+        chain.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def neuron_args(member: Member, args: argparse.Namespace, run_id: str, peers: list[str],
+                layout: list[Member], prior_rounds: int) -> list[str]:
+    """The command line of one neuron: shared chain/swarm flags, then its role's own."""
+    work = args.work_dir.resolve()
+    common = ["--subtensor.network", "embedded", "--chain.db", str(work / "chain.sqlite"),
+              "--netuid", str(args.netuid), "--wallet.path", str(work / "wallets"), "--wallet.name", COLDKEY,
+              "--wallet.hotkey", member.name, "--dht.initial_peers", ",".join(peers), "--neuron.run_id", run_id,
+              *NEURON_FLAGS]
+    if member.behaviour == "validator":
+        miners = len(layout) - 1
+        return common + ["--neuron.sample_size", str(miners), "--neuron.round_interval", str(args.round_interval),
+                         "--neuron.epoch_length", "10", "--neuron.moving_average_alpha", "0.3",
+                         "--neuron.timeout", "20", "--neuron.max_rounds", str(prior_rounds + args.rounds)]
+    extra = ["--neuron.behaviour", member.behaviour]
+    if member.behaviour == "copycat":
+        extra += ["--neuron.copy_uid", str(next(m.uid for m in layout if m.behaviour == "honest"))]
+    if member.behaviour == "dead":
+        # A dead miner publishes its --axon.port as is and publishing port 0 is rejected by the chain,
+        # so give it a real port nobody listens on: registered, reachable on paper, never answering.
+        extra += ["--axon.port", str(_free_port())]
+    return common + extra
+
+
+# -- reading what the neurons wrote ---------------------------------------------------------------
+def _events(state_dir: Path, event: str, since: float) -> list[dict[str, Any]]:
+    return [e for e in read_metrics(state_dir / "metrics.jsonl", event) if e.get("time", 0.0) >= since]
+
+
+def read_score_book(validator_dir: Path) -> dict[str, Any]:
+    """The validator's scores.json as plain JSON ({} if absent or unreadable: the summary still prints)."""
+    try:
+        return json.loads((validator_dir / "scores.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def chain_weights(db_path: Path, netuid: int, validator_uid: int) -> Optional[dict[int, float]]:
+    """The weights the validator set on the embedded chain, None if it set none."""
+    from .chain import ChainError, LocalChain
+
+    try:
+        chain = LocalChain(db_path)
+    except ChainError:
+        return None
+    try:
+        return chain.weights(netuid).get(validator_uid)
+    except ChainError:
+        return None
+    finally:
+        chain.close()
+
+
+def resolve_weights(on_chain: Optional[dict[int, float]], validator_dir: Path,
+                    since: float = 0.0) -> tuple[dict[int, float], str]:
+    """Chain weights when present, else the latest "weights" event the validator logged."""
+    if on_chain:
+        return dict(on_chain), "chain"
+    events = _events(validator_dir, "weights", since)
+    if events:
+        return {int(uid): float(w) for uid, w in events[-1].get("weights", {}).items()}, "metrics"
+    return {}, "none"
+
+
+def round_timings(validator_dir: Path, since: float = 0.0) -> dict[str, Optional[float]]:
+    """Mean query+verify seconds per round, and mean wall seconds from one round to the next."""
+    rounds = _events(validator_dir, "round", since)
+    work = [float(r.get("query_s", 0.0)) + float(r.get("verify_s", 0.0)) for r in rounds]
+    times = [float(r["time"]) for r in rounds]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return {"rounds": len(rounds), "round_seconds": mean(work) if work else None,
+            "round_wall_seconds": mean(gaps) if gaps else None}
+
+
+def build_summary(layout: list[Member], hotkeys: dict[str, str], validator_dir: Path,
+                  on_chain: Optional[dict[int, float]], since: float = 0.0) -> dict[str, Any]:
+    """Per-miner scores (only entries whose hotkey still matches the uid), weights and round times."""
+    entries = read_score_book(validator_dir).get("entries", {})
+    weights, source = resolve_weights(on_chain, validator_dir, since)
+    miners = []
+    for member in layout:
+        if member.behaviour == "validator":
+            continue
+        hotkey = hotkeys.get(member.name, "")
+        entry = entries.get(str(member.uid), {})
+        if entry.get("hotkey") != hotkey:
+            entry = {}
+        miners.append({"uid": member.uid, "hotkey": hotkey, "behaviour": member.behaviour,
+                       "answered": int(entry.get("answered", 0)), "last_score": entry.get("last_score"),
+                       "moving_average": float(entry.get("moving_average", 0.0)),
+                       "weight": float(weights.get(member.uid, 0.0))})
+    return {"miners": miners, **round_timings(validator_dir, since), "weights_source": source}
+
+
+def _number(value: Optional[float], digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The final scoreboard, one miner a line, then the round timings."""
+    lines = [f"{'uid':>4}  {'hotkey':<10} {'behaviour':<9} {'answered':>8} {'last':>5} {'avg':>6} {'weight':>6}"]
+    for m in summary["miners"]:
+        lines.append(f"{m['uid']:>4}  {m['hotkey'][:8] + '..':<10} {m['behaviour']:<9} {m['answered']:>8} "
+                     f"{_number(m['last_score'], 1):>5} {m['moving_average']:>6.3f} {m['weight']:>6.3f}")
+    lines.append(f"rounds {summary['rounds']} | query+verify {_number(summary['round_seconds'], 1)} s/round | "
+                 f"{_number(summary['round_wall_seconds'], 1)} s between rounds | weights from "
+                 f"{summary['weights_source']}")
+    return "\n".join(lines)
+
+
+def loss_series(layout: list[Member], state_root: Path, since: float) -> dict[str, list[tuple[float, float]]]:
+    """(seconds since start, loss) of every step of the miners that train: honest ones and liars."""
+    series = {}
+    for m in layout:
+        if m.behaviour in ("honest", "liar"):
+            steps = _events(state_root / m.name, "step", since)
+            series[f"uid {m.uid} ({m.behaviour})"] = [(s["time"] - since, float(s["loss"])) for s in steps]
+    return series
+
+
+def plot_losses(series: dict[str, list[tuple[float, float]]], path: Path) -> None:
+    """Loss over time as a PNG (Agg: no display needed); an empty plot still says why it is empty."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    try:
+        for label, points in series.items():
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], label=label, linewidth=1)
+        if any(series.values()):
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no training steps recorded", ha="center", va="center", transform=ax.transAxes)
+        ax.set(xlabel="seconds since start", ylabel="training loss", title="local swarm: loss per miner")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+# -- running ---------------------------------------------------------------------------------------
+class Progress:
+    """One live status line on a terminal; elsewhere (CI logs) a new line only when the status changes."""
+
+    def __init__(self, stream: TextIO = sys.stderr):
+        self.stream, self.tty, self.last, self.shown = stream, stream.isatty(), "", False
+
+    def show(self, elapsed: float, status: str) -> None:
+        line = f"[{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] {status}"
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+        elif status != self.last:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.last, self.shown = status, True
+
+    def done(self) -> None:
+        if self.tty and self.shown:
+            self.stream.write("\n")
+            self.shown = False
+
+
+class SwarmFailed(RuntimeError):
+    """A process the run cannot do without exited; the message carries its log tail."""
+
+
+def _failure(neuron: Neuron, what: str) -> SwarmFailed:
+    return SwarmFailed(f"{what} {neuron.name} exited with code {neuron.process.returncode}; last lines of "
+                       f"{neuron.log_path}:\n{neuron.log_tail(TAIL_LINES)}")
+
+
+class LocalSwarm:
+    """Starts the neurons, watches them, and says when the run is over."""
+
+    def __init__(self, args: argparse.Namespace, layout: list[Member], group: ProcessGroup, since: float,
+                 prior_rounds: int):
+        self.args, self.layout, self.group, self.since = args, layout, group, since
+        self.prior_rounds, self.progress, self.warned = prior_rounds, Progress(), set()
+        self.state_root = args.work_dir / "state"
+        self.honest = [m.name for m in layout if m.behaviour == "honest"]
+
+    def elapsed(self) -> float:
+        return time.time() - self.since
+
+    def out_of_time(self) -> bool:
+        return bool(self.args.duration) and self.elapsed() >= self.args.duration
+
+    def start(self, run_id: str) -> bool:
+        """DHT node, miners, then (once every live miner joined) the validator. False: --duration ran out."""
+        dht = self.group.start_dht_node("dht", self.state_root / "dht")
+        peers = self.group.initial_peers(dht)
+        miners = [m for m in self.layout if m.behaviour != "validator"]
+        validator = self.layout[0]
+        for m in miners:
+            self.group.start(m.name, "miner.py", neuron_args(m, self.args, run_id, peers, self.layout, 0),
+                             self.state_root / m.name)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            self.check_miners()
+            waiting = [m.name for m in miners if self.group.members[m.name].alive
+                       and not _events(self.state_root / m.name, "start", self.since)]
+            if not waiting:
+                break
+            if self.out_of_time():
+                return False
+            if time.monotonic() > deadline:
+                raise SwarmFailed(f"miners {', '.join(waiting)} did not join within {STARTUP_TIMEOUT:.0f}s; "
+                                  f"see their logs in {self.group.log_dir}")
+            self.progress.show(self.elapsed(), f"starting: {len(miners) - len(waiting)}/{len(miners)} miners up")
+            time.sleep(1.0)  # polling files other processes write
+        args = neuron_args(validator, self.args, run_id, peers, self.layout, self.prior_rounds)
+        self.group.start(validator.name, "validator.py", args, self.state_root / validator.name)
+        return True
+
+    def check_miners(self) -> None:
+        """An honest miner or the DHT node exiting ends the run; an adversary exiting is only reported."""
+        for name, neuron in self.group.members.items():
+            if neuron.alive or name == VALIDATOR:
+                continue
+            if name in self.honest or name == "dht":
+                raise _failure(neuron, "honest miner" if name != "dht" else "DHT node")
+            if name not in self.warned:
+                self.warned.add(name)
+                self.progress.done()
+                print(f"note: adversarial miner {name} exited with code {neuron.process.returncode} "
+                      f"(log {neuron.log_path})", file=sys.stderr)
+
+    def status(self) -> tuple[int, int]:
+        """(validator rounds done in this run, swarm epoch of the most advanced honest miner)."""
+        rounds = len(_events(self.state_root / VALIDATOR, "round", self.since))
+        epochs = [0]
+        for name in self.honest:
+            steps = _events(self.state_root / name, "step", self.since)
+            epochs.append(int(steps[-1].get("epoch", 0)) if steps else 0)
+        return rounds, max(epochs)
+
+    def watch(self) -> str:
+        """Poll once a second until the validator finished its rounds ("rounds") or time ran out ("duration")."""
+        validator = self.group.members[VALIDATOR]
+        while True:
+            rounds, epoch = self.status()
+            self.progress.show(self.elapsed(), f"swarm epoch {epoch} | validator rounds {rounds}/{self.args.rounds}")
+            if rounds >= self.args.rounds:
+                return "rounds"
+            if not validator.alive:
+                raise _failure(validator, "validator")
+            self.check_miners()
+            if self.out_of_time():
+                return "duration"
+            time.sleep(1.0)  # polling files other processes write
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def report(args: argparse.Namespace, layout: list[Member], hotkeys: dict[str, str], since: float) -> None:
+    """Scoreboard on stdout, then the optional summary JSON and the loss plot."""
+    validator_dir = args.work_dir / "state" / VALIDATOR
+    on_chain = chain_weights(args.work_dir / "chain.sqlite", args.netuid, layout[0].uid)
+    summary = build_summary(layout, hotkeys, validator_dir, on_chain, since)
+    print(format_table(summary))
+    if args.summary_json:
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        args.summary_json.write_text(json.dumps(summary, indent=1))
+        print(f"summary: {args.summary_json}")
+    plot_losses(loss_series(layout, args.work_dir / "state", since), args.plot)
+    print(f"loss plot: {args.plot}\nlogs: {args.work_dir / 'logs'}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Set up, run and report; every child is stopped before returning, whatever happened."""
+    since = time.time()
+    prepare_work_dir(args.work_dir, args.keep)
+    layout, hotkeys = register_all(args.work_dir, args.netuid, layout_from_args(args))
+    prior_rounds = int(read_score_book(args.work_dir / "state" / VALIDATOR).get("rounds", 0))
+    print(f"{PROG}: {len(layout) - 1} miners, logs in {args.work_dir / 'logs'}", file=sys.stderr)
+    code = 0
+    with ProcessGroup(args.work_dir / "logs") as group:
+        swarm = LocalSwarm(args, layout, group, since, prior_rounds)
+        try:
+            ended = swarm.watch() if swarm.start(run_id_for(args.work_dir)) else "duration"
+            swarm.progress.done()
+            print(f"{PROG}: stopping ({'all rounds done' if ended == 'rounds' else '--duration reached'})",
+                  file=sys.stderr)
+        except (SwarmFailed, ProcessFailed, TimeoutError) as exc:
+            swarm.progress.done()
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            swarm.progress.done()
+            print(f"{PROG}: interrupted; stopping every neuron", file=sys.stderr)
+            code = 130
+        finally:
+            group.stop_all()
+    report(args, layout, hotkeys, since)
+    return code
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = parse_args(argv)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # wallet/chain setup errors: ChainError, WalletError, OSError...
+        print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
