@@ -33,6 +33,8 @@ setup(
         "pydantic>=2.7,<3",
         "numpy>=1.26",
         "matplotlib>=3.8",
+        "PyYAML>=6",
+        "wandb==0.31.0",
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={
@@ -42,6 +44,9 @@ setup(
             "dt-chain=distributed_training.chain.cli:main",
             "dt-assets=distributed_training.assets:main",
             "dt-local-swarm=distributed_training.localnet:main",
+            "dt-dht=distributed_training.dht_node:main",
+            "dt-monitor=distributed_training.monitor:main",
+            "dt-check-compute=distributed_training.compute:main",
         ]
     },
 )

@@ -1,10 +1,9 @@
 """`dt-local-swarm`: a whole subnet on this machine - embedded chain, DHT node, miners, one validator.
 
-It exists so that anyone can watch the incentive mechanism work end to end without a subtensor:
-honest miners train together, adversarial ones (dead, liar, copycat, lazy, stale) try to earn
-without doing so, and the validator's scores and chain weights should tell them apart. Every
-neuron runs as its own OS process (`ProcessGroup`), exactly as an operator would run it, so the
-run also exercises the real wallets, chain, signed HTTP and hivemind swarm.
+So anyone can watch the incentive mechanism end to end without a subtensor: honest miners train
+together, adversaries (dead, liar, copycat, lazy, stale) try to earn without doing so, and the
+validator's scores and weights should tell them apart. Each neuron is its own OS process, run as an
+operator would run it, so the real wallets, chain, signed HTTP and hivemind swarm are all exercised.
 """
 
 from __future__ import annotations
@@ -57,14 +56,15 @@ class Member:
 
 
 # -- flags ----------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)  # one line and exit 2 from main(), not argparse's usage dump
+
+
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
+    if not text.strip().isdecimal():
         raise argparse.ArgumentTypeError(f"expects zero or a positive integer, got {text!r}")
-    return value
+    return int(text)
 
 
 def _seconds(text: str) -> float:
@@ -72,38 +72,31 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 <= value < float("inf"):
+    if not 0 <= value < float("inf"):  # also rejects nan
         raise argparse.ArgumentTypeError(f"expects zero or a positive number of seconds, got {text!r}")
     return value
 
 
-def _raise_usage(message: str) -> None:
-    raise UsageError(message)
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the flags; UsageError names the flag (argparse's own exit is only for --help)."""
-    parser = argparse.ArgumentParser(prog=PROG, description="run a local subnet: chain, DHT, miners, validator",
-                                     allow_abbrev=False)
-    parser.error = _raise_usage  # type: ignore[method-assign]
-    parser.add_argument("--miners", type=_count, default=3, help="honest miners")
-    for flag, behaviour in ADVERSARIES:
-        parser.add_argument(f"--{flag}", type=_count, default=0, help=f"{behaviour} miners")
-    parser.add_argument("--rounds", type=_count, default=6, help="validator rounds to run")
-    parser.add_argument("--duration", type=_seconds, default=0.0, help="stop after this many seconds (0: no limit)")
-    parser.add_argument("--work-dir", type=Path, default=Path(".localnet"), help="wallets, chain, logs, state")
-    parser.add_argument("--summary-json", type=Path, default=None, help="write the final scores here")
-    parser.add_argument("--plot", type=Path, default=None, help="loss plot (default <work-dir>/loss.png)")
-    parser.add_argument("--netuid", type=_count, default=1)
+    parser = _Parser(prog=PROG, description="run a local subnet: chain, DHT, miners, validator", allow_abbrev=False)
+    flags = [("--miners", _count, 3, "honest miners")]
+    flags += [(f"--{flag}", _count, 0, f"{behaviour} miners") for flag, behaviour in ADVERSARIES]
+    flags += [("--rounds", _count, 6, "validator rounds to run"), ("--netuid", _count, 1, "subnet uid"),
+              ("--duration", _seconds, 0.0, "stop after this many seconds (0: no limit)"),
+              ("--round-interval", _seconds, 5.0, "seconds between validator rounds"),
+              ("--work-dir", Path, Path(".localnet"), "wallets, chain, logs and neuron state"),
+              ("--summary-json", Path, None, "write the final scores here"),
+              ("--plot", Path, None, "loss plot (default <work-dir>/loss.png)")]
+    for flag, kind, default, text in flags:
+        parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument("--keep", action="store_true", help="resume in the existing work dir instead of wiping it")
-    parser.add_argument("--round-interval", type=_seconds, default=5.0, help="seconds between validator rounds")
     args = parser.parse_args(argv)
-    if args.miners < 1:
-        raise UsageError("--miners must be at least 1: the swarm needs an honest miner to train and to be copied")
-    if args.rounds < 1:
-        raise UsageError("--rounds must be at least 1")
-    if args.netuid > 65535:
-        raise UsageError("--netuid must be in 0..65535")
+    for problem, message in ((args.miners < 1, "--miners must be at least 1: the swarm needs an honest miner"),
+                             (args.rounds < 1, "--rounds must be at least 1"),
+                             (args.netuid > 65535, "--netuid must be in 0..65535")):
+        if problem:
+            raise UsageError(message)
     # Absolute: the neurons run with the repository as their working directory, not ours.
     args.work_dir = args.work_dir.expanduser().resolve()
     args.plot = (args.plot or args.work_dir / "loss.png").expanduser().resolve()
@@ -121,12 +114,11 @@ def plan_layout(honest: int, dead: int = 0, liars: int = 0, copycats: int = 0, l
     return [Member(0, VALIDATOR, "validator")] + [Member(i + 1, f"miner{i}", b) for i, b in enumerate(kinds)]
 
 
-def layout_from_args(args: argparse.Namespace) -> list[Member]:
-    return plan_layout(args.miners, args.dead, args.liars, args.copycats, args.lazy, args.stale)
+def prepare_work_dir(work_dir: Path, keep: bool) -> str:
+    """Start from an empty work dir unless --keep (never wiping one this tool did not make); the run id.
 
-
-def prepare_work_dir(work_dir: Path, keep: bool) -> None:
-    """Start from an empty work dir unless --keep; never wipe a directory this tool did not make."""
+    With --keep the run id is the previous one, so that resumed miners accept their checkpoints.
+    """
     if work_dir.exists() and not work_dir.is_dir():
         raise UsageError(f"--work-dir {work_dir} exists and is not a directory")
     if work_dir.exists() and not keep:
@@ -136,16 +128,10 @@ def prepare_work_dir(work_dir: Path, keep: bool) -> None:
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / MARKER).touch()
-
-
-def run_id_for(work_dir: Path) -> str:
-    """A fresh run id, or with --keep the previous one, so resumed miners accept their checkpoints."""
     path = work_dir / "run_id"
-    if path.exists():
-        return path.read_text().strip()
-    run_id = f"localnet-{random.randrange(16 ** 8):08x}"
-    path.write_text(run_id)
-    return run_id
+    if not path.exists():
+        path.write_text(f"localnet-{random.randrange(16 ** 8):08x}")
+    return path.read_text().strip()
 
 
 def register_all(work_dir: Path, netuid: int, layout: list[Member]) -> tuple[list[Member], dict[str, str]]:
@@ -153,10 +139,9 @@ def register_all(work_dir: Path, netuid: int, layout: list[Member]) -> tuple[lis
     from .chain import LocalChain
     from .identity import create_wallet
 
-    chain = LocalChain(work_dir / "chain.sqlite", block_time=1.0)
-    try:
+    registered, hotkeys = [], {}
+    with LocalChain(work_dir / "chain.sqlite", block_time=1.0) as chain:
         chain.create_subnet(netuid, exist_ok=True)
-        registered, hotkeys = [], {}
         for member in layout:
             wallet = create_wallet(COLDKEY, member.name, work_dir / "wallets")
             hotkey, is_validator = wallet.hotkey.ss58_address, member.behaviour == "validator"
@@ -164,9 +149,7 @@ def register_all(work_dir: Path, netuid: int, layout: list[Member]) -> tuple[lis
             chain.set_stake(netuid, hotkey, 1000.0 if is_validator else 0.0, validator_permit=is_validator)
             registered.append(Member(uid, member.name, member.behaviour))
             hotkeys[member.name] = hotkey
-        return registered, hotkeys
-    finally:
-        chain.close()
+    return registered, hotkeys
 
 
 def _free_port() -> int:
@@ -178,16 +161,15 @@ def _free_port() -> int:
 def neuron_args(member: Member, args: argparse.Namespace, run_id: str, peers: list[str],
                 layout: list[Member], prior_rounds: int) -> list[str]:
     """The command line of one neuron: shared chain/swarm flags, then its role's own."""
-    work = args.work_dir.resolve()
+    work = args.work_dir
     common = ["--subtensor.network", "embedded", "--chain.db", str(work / "chain.sqlite"),
               "--netuid", str(args.netuid), "--wallet.path", str(work / "wallets"), "--wallet.name", COLDKEY,
               "--wallet.hotkey", member.name, "--dht.initial_peers", ",".join(peers), "--neuron.run_id", run_id,
               *NEURON_FLAGS]
     if member.behaviour == "validator":
-        miners = len(layout) - 1
-        return common + ["--neuron.sample_size", str(miners), "--neuron.round_interval", str(args.round_interval),
-                         "--neuron.epoch_length", "10", "--neuron.moving_average_alpha", "0.3",
-                         "--neuron.timeout", "20", "--neuron.max_rounds", str(prior_rounds + args.rounds)]
+        return common + ["--neuron.sample_size", str(len(layout) - 1), "--neuron.round_interval",
+                         str(args.round_interval), "--neuron.epoch_length", "10", "--neuron.moving_average_alpha",
+                         "0.3", "--neuron.timeout", "20", "--neuron.max_rounds", str(prior_rounds + args.rounds)]
     extra = ["--neuron.behaviour", member.behaviour]
     if member.behaviour == "copycat":
         extra += ["--neuron.copy_uid", str(next(m.uid for m in layout if m.behaviour == "honest"))]
@@ -216,19 +198,14 @@ def chain_weights(db_path: Path, netuid: int, validator_uid: int) -> Optional[di
     from .chain import ChainError, LocalChain
 
     try:
-        chain = LocalChain(db_path)
+        with LocalChain(db_path) as chain:
+            return chain.weights(netuid).get(validator_uid)
     except ChainError:
         return None
-    try:
-        return chain.weights(netuid).get(validator_uid)
-    except ChainError:
-        return None
-    finally:
-        chain.close()
 
 
-def resolve_weights(on_chain: Optional[dict[int, float]], validator_dir: Path,
-                    since: float = 0.0) -> tuple[dict[int, float], str]:
+def resolve_weights(on_chain: Optional[dict[int, float]], validator_dir: Path, since: float = 0.0
+                    ) -> tuple[dict[int, float], str]:
     """Chain weights when present, else the latest "weights" event the validator logged."""
     if on_chain:
         return dict(on_chain), "chain"
@@ -254,13 +231,10 @@ def build_summary(layout: list[Member], hotkeys: dict[str, str], validator_dir: 
     entries = read_score_book(validator_dir).get("entries", {})
     weights, source = resolve_weights(on_chain, validator_dir, since)
     miners = []
-    for member in layout:
-        if member.behaviour == "validator":
-            continue
+    for member in layout[1:]:
         hotkey = hotkeys.get(member.name, "")
         entry = entries.get(str(member.uid), {})
-        if entry.get("hotkey") != hotkey:
-            entry = {}
+        entry = entry if entry.get("hotkey") == hotkey else {}
         miners.append({"uid": member.uid, "hotkey": hotkey, "behaviour": member.behaviour,
                        "answered": int(entry.get("answered", 0)), "last_score": entry.get("last_score"),
                        "moving_average": float(entry.get("moving_average", 0.0)),
@@ -268,12 +242,11 @@ def build_summary(layout: list[Member], hotkeys: dict[str, str], validator_dir: 
     return {"miners": miners, **round_timings(validator_dir, since), "weights_source": source}
 
 
-def _number(value: Optional[float], digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def format_table(summary: dict[str, Any]) -> str:
     """The final scoreboard, one miner a line, then the round timings."""
+    def _number(value: Optional[float], digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
     lines = [f"{'uid':>4}  {'hotkey':<10} {'behaviour':<9} {'answered':>8} {'last':>5} {'avg':>6} {'weight':>6}"]
     for m in summary["miners"]:
         lines.append(f"{m['uid']:>4}  {m['hotkey'][:8] + '..':<10} {m['behaviour']:<9} {m['answered']:>8} "
@@ -303,9 +276,8 @@ def plot_losses(series: dict[str, list[tuple[float, float]]], path: Path) -> Non
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     try:
-        for label, points in series.items():
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], label=label, linewidth=1)
+        for label, points in ((label, points) for label, points in series.items() if points):
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=label, linewidth=1)
         if any(series.values()):
             ax.legend(fontsize="small")
         else:
@@ -322,30 +294,29 @@ class Progress:
     """One live status line on a terminal; elsewhere (CI logs) a new line only when the status changes."""
 
     def __init__(self, stream: TextIO = sys.stderr):
-        self.stream, self.tty, self.last, self.shown = stream, stream.isatty(), "", False
+        self.stream, self.tty, self.last, self.open = stream, stream.isatty(), "", False
 
     def show(self, elapsed: float, status: str) -> None:
         line = f"[{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] {status}"
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K")
-        elif status != self.last:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        self.last, self.shown = status, True
+        if self.tty or status != self.last:
+            self.stream.write("\r" + line + "\x1b[K" if self.tty else line + "\n")
+            self.stream.flush()
+        self.last, self.open = status, self.tty
 
     def done(self) -> None:
-        if self.tty and self.shown:
+        """End the live line so that what is printed next starts on a line of its own."""
+        if self.open:
             self.stream.write("\n")
-            self.shown = False
+            self.open = False
 
 
 class SwarmFailed(RuntimeError):
     """A process the run cannot do without exited; the message carries its log tail."""
 
-
-def _failure(neuron: Neuron, what: str) -> SwarmFailed:
-    return SwarmFailed(f"{what} {neuron.name} exited with code {neuron.process.returncode}; last lines of "
-                       f"{neuron.log_path}:\n{neuron.log_tail(TAIL_LINES)}")
+    @classmethod
+    def exited(cls, neuron: Neuron, what: str) -> "SwarmFailed":
+        return cls(f"{what} {neuron.name} exited with code {neuron.process.returncode}; last lines of "
+                   f"{neuron.log_path}:\n{neuron.log_tail(TAIL_LINES)}")
 
 
 class LocalSwarm:
@@ -362,75 +333,64 @@ class LocalSwarm:
         return time.time() - self.since
 
     def out_of_time(self) -> bool:
-        return bool(self.args.duration) and self.elapsed() >= self.args.duration
+        return 0 < self.args.duration <= self.elapsed()
 
-    def start(self, run_id: str) -> bool:
-        """DHT node, miners, then (once every live miner joined) the validator. False: --duration ran out."""
-        dht = self.group.start_dht_node("dht", self.state_root / "dht")
-        peers = self.group.initial_peers(dht)
-        miners = [m for m in self.layout if m.behaviour != "validator"]
-        validator = self.layout[0]
-        for m in miners:
+    def run(self, run_id: str) -> str:
+        """Start the neurons, then poll once a second until "rounds" (the validator is done) or "duration"."""
+        peers = self.group.initial_peers(self.group.start_dht_node("dht", self.state_root / "dht"))
+        for m in self.layout[1:]:
             self.group.start(m.name, "miner.py", neuron_args(m, self.args, run_id, peers, self.layout, 0),
                              self.state_root / m.name)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
-            self.check_miners()
-            waiting = [m.name for m in miners if self.group.members[m.name].alive
-                       and not _events(self.state_root / m.name, "start", self.since)]
-            if not waiting:
-                break
+            validator_exited = self.check_exits()
+            rounds, epoch = self.status()  # read after the check: a finished validator wrote its rounds first
+            if rounds >= self.args.rounds:
+                return "rounds"
+            if validator_exited:
+                raise SwarmFailed.exited(self.group.members[VALIDATOR], "validator")
+            if VALIDATOR in self.group.members:
+                status = f"swarm epoch {epoch} | validator rounds {rounds}/{self.args.rounds}"
+            else:
+                status = self.start_validator_when_ready(run_id, peers, deadline)
+            self.progress.show(self.elapsed(), status)
             if self.out_of_time():
-                return False
-            if time.monotonic() > deadline:
-                raise SwarmFailed(f"miners {', '.join(waiting)} did not join within {STARTUP_TIMEOUT:.0f}s; "
-                                  f"see their logs in {self.group.log_dir}")
-            self.progress.show(self.elapsed(), f"starting: {len(miners) - len(waiting)}/{len(miners)} miners up")
+                return "duration"
             time.sleep(1.0)  # polling files other processes write
-        args = neuron_args(validator, self.args, run_id, peers, self.layout, self.prior_rounds)
-        self.group.start(validator.name, "validator.py", args, self.state_root / validator.name)
-        return True
 
-    def check_miners(self) -> None:
-        """An honest miner or the DHT node exiting ends the run; an adversary exiting is only reported."""
+    def start_validator_when_ready(self, run_id: str, peers: list[str], deadline: float) -> str:
+        """Start the validator once every live miner joined, so no round scores a miner still importing torch."""
+        miners = self.layout[1:]
+        waiting = [m.name for m in miners if self.group.members[m.name].alive
+                   and not _events(self.state_root / m.name, "start", self.since)]
+        if waiting and time.monotonic() > deadline:
+            raise SwarmFailed(f"miners {', '.join(waiting)} did not join within {STARTUP_TIMEOUT:.0f}s; "
+                              f"see their logs in {self.group.log_dir}")
+        if not waiting:
+            validator = self.layout[0]
+            args = neuron_args(validator, self.args, run_id, peers, self.layout, self.prior_rounds)
+            self.group.start(validator.name, "validator.py", args, self.state_root / validator.name)
+        return f"starting: {len(miners) - len(waiting)}/{len(miners)} miners up"
+
+    def check_exits(self) -> bool:
+        """Raise if an honest miner or the DHT node exited, note adversaries that did; True if the validator did."""
         for name, neuron in self.group.members.items():
             if neuron.alive or name == VALIDATOR:
                 continue
             if name in self.honest or name == "dht":
-                raise _failure(neuron, "honest miner" if name != "dht" else "DHT node")
+                raise SwarmFailed.exited(neuron, "honest miner" if name != "dht" else "DHT node")
             if name not in self.warned:
                 self.warned.add(name)
                 self.progress.done()
                 print(f"note: adversarial miner {name} exited with code {neuron.process.returncode} "
                       f"(log {neuron.log_path})", file=sys.stderr)
+        return VALIDATOR in self.group.members and not self.group.members[VALIDATOR].alive
 
     def status(self) -> tuple[int, int]:
         """(validator rounds done in this run, swarm epoch of the most advanced honest miner)."""
         rounds = len(_events(self.state_root / VALIDATOR, "round", self.since))
-        epochs = [0]
-        for name in self.honest:
-            steps = _events(self.state_root / name, "step", self.since)
-            epochs.append(int(steps[-1].get("epoch", 0)) if steps else 0)
-        return rounds, max(epochs)
-
-    def watch(self) -> str:
-        """Poll once a second until the validator finished its rounds ("rounds") or time ran out ("duration")."""
-        validator = self.group.members[VALIDATOR]
-        while True:
-            rounds, epoch = self.status()
-            self.progress.show(self.elapsed(), f"swarm epoch {epoch} | validator rounds {rounds}/{self.args.rounds}")
-            if rounds >= self.args.rounds:
-                return "rounds"
-            if not validator.alive:
-                raise _failure(validator, "validator")
-            self.check_miners()
-            if self.out_of_time():
-                return "duration"
-            time.sleep(1.0)  # polling files other processes write
-
-
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
+        steps = [_events(self.state_root / name, "step", self.since) for name in self.honest]
+        return rounds, max([int(s[-1].get("epoch", 0)) for s in steps if s], default=0)
 
 
 def report(args: argparse.Namespace, layout: list[Member], hotkeys: dict[str, str], since: float) -> None:
@@ -450,15 +410,16 @@ def report(args: argparse.Namespace, layout: list[Member], hotkeys: dict[str, st
 def run(args: argparse.Namespace) -> int:
     """Set up, run and report; every child is stopped before returning, whatever happened."""
     since = time.time()
-    prepare_work_dir(args.work_dir, args.keep)
-    layout, hotkeys = register_all(args.work_dir, args.netuid, layout_from_args(args))
+    run_id = prepare_work_dir(args.work_dir, args.keep)
+    planned = plan_layout(args.miners, args.dead, args.liars, args.copycats, args.lazy, args.stale)
+    layout, hotkeys = register_all(args.work_dir, args.netuid, planned)
     prior_rounds = int(read_score_book(args.work_dir / "state" / VALIDATOR).get("rounds", 0))
     print(f"{PROG}: {len(layout) - 1} miners, logs in {args.work_dir / 'logs'}", file=sys.stderr)
     code = 0
     with ProcessGroup(args.work_dir / "logs") as group:
         swarm = LocalSwarm(args, layout, group, since, prior_rounds)
         try:
-            ended = swarm.watch() if swarm.start(run_id_for(args.work_dir)) else "duration"
+            ended = swarm.run(run_id)
             swarm.progress.done()
             print(f"{PROG}: stopping ({'all rounds done' if ended == 'rounds' else '--duration reached'})",
                   file=sys.stderr)
@@ -470,34 +431,27 @@ def run(args: argparse.Namespace) -> int:
             swarm.progress.done()
             print(f"{PROG}: interrupted; stopping every neuron", file=sys.stderr)
             code = 130
-        finally:
-            group.stop_all()
     report(args, layout, hotkeys, since)
     return code
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit codes: 0 done, 1 a neuron or the setup failed, 2 a bad flag, 130 interrupted."""
+    previous = None
     try:
         args = parse_args(argv)
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        if threading.current_thread() is threading.main_thread():  # SIGTERM cleans up just like Ctrl-C
+            previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        return run(args)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
-    try:
-        return run(args)
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # wallet/chain setup errors: ChainError, WalletError, OSError...
-        print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # UsageError; ChainError, WalletError, OSError in the setup
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
     finally:
-        if in_main_thread:
+        if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 

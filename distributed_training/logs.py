@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -37,8 +37,9 @@ def setup_logging(debug: bool, log_dir: Optional[str] = None, name: str = "neuro
 class MetricsLog:
     """Append-only JSON lines; each line is flushed so a killed process loses at most one event."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, sinks: Optional[list[Callable[[str, dict[str, Any]], None]]] = None):
         self.path = Path(path)
+        self.sinks = list(sinks or [])
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._handle = open(self.path, "a", buffering=1, encoding="utf-8")
@@ -47,10 +48,14 @@ class MetricsLog:
         line = json.dumps({"event": event, "time": time.time(), **fields}, default=str)
         with self._lock:
             self._handle.write(line + "\n")
+        for sink in self.sinks:
+            sink(event, fields)
 
     def close(self) -> None:
         with self._lock:
             self._handle.close()
+        for sink in self.sinks:
+            getattr(sink, "close", lambda: None)()
 
 
 def read_metrics(path: Path, event: Optional[str] = None) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from .protocol import IsAliveResponse, WorkRequest, WorkResponse
 from .training.checkpoint import load_checkpoint, save_checkpoint
 from .training.data import assign_pages
 from .training.dht import MinerRecord
+from .wandb_sink import open_wandb
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class Miner:
         self.priority_pages: list[int] = []
         self.identity = None if config.neuron.swarm_only else open_identity(config)
         self.uid = self.identity.uid if self.identity else config.neuron.uid
+        sink = open_wandb(config, "miner", self.identity.hotkey if self.identity else "swarm", self.state_dir)
+        if sink is not None:
+            self.metrics.sinks.append(sink)
         self.parts: Optional[SwarmParts] = None
         self.server = None
         self.step = 0

@@ -65,8 +65,10 @@ class ProcessGroup:
         log_path = self.log_dir / f"{name}.log"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(log_path, "ab") as log:
+            # Each process runs in its own state dir, so a `.env` in the caller's directory does not leak in.
+            Path(state_dir).mkdir(parents=True, exist_ok=True)
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env,
-                                       start_new_session=True, cwd=str(REPO_ROOT))
+                                       start_new_session=True, cwd=str(state_dir))
         neuron = Neuron(name, process, log_path, Path(state_dir))
         self.members[name] = neuron
         return neuron

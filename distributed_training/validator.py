@@ -26,6 +26,7 @@ from .training.follower import SwarmFollower
 from .transport import MinerClient, Target
 from .validation.scoring import ScoreBook
 from .validation.verify import Tolerance, Verdict, judge, no_response
+from .wandb_sink import open_wandb
 from . import PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class Validator:
         self.metrics = MetricsLog(self.state_dir / "metrics.jsonl")
         self.stop_event = threading.Event()
         self.identity = open_identity(config)
+        sink = open_wandb(config, "validator", self.identity.hotkey, self.state_dir)
+        if sink is not None:
+            self.metrics.sinks.append(sink)
         self.book_path = self.state_dir / "scores.json"
         self.book = ScoreBook.load(self.book_path, alpha=config.neuron.moving_average_alpha)
         self.tolerance = Tolerance(rel=config.neuron.loss_tolerance)

@@ -13,5 +13,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install "torch==${TORCH_VERSION:-2.13.0}"
 fi
 "${PIP[@]}" install -e ".[test]"
-.venv/bin/dt-assets
+# p2pd executable, no nest_asyncio, uvloop usable, offline corpus and tokenizer in place.
+.venv/bin/python post_install.py
 echo "install: done (.venv ready; run .venv/bin/dt-local-swarm or .venv/bin/python -m pytest -q)"

@@ -67,7 +67,7 @@ def _args(tmp_path: Path, *extra: str):
 
 def test_neuron_command_lines(tmp_path):
     args = _args(tmp_path, "--rounds", "4", "--round-interval", "2")
-    layout = localnet.layout_from_args(args)
+    layout = localnet.plan_layout(args.miners, args.dead, args.liars, args.copycats, args.lazy, args.stale)
     validator = localnet.neuron_args(layout[0], args, "localnet-x", ["/ip4/1"], layout, prior_rounds=3)
     flags = dict(zip(validator[::2], validator[1::2]))
     assert flags["--neuron.sample_size"] == "5" and flags["--neuron.max_rounds"] == "7"

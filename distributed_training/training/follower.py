@@ -13,23 +13,14 @@ import copy
 import logging
 import threading
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from hivemind.p2p import PeerID
 
+from .progress import PeerProgress, read_peer_progress
 from .swarm import SwarmTrainer, page_losses
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PeerProgress:
-    peer_id: str
-    epoch: int
-    samples_accumulated: int
-    samples_per_second: float
 
 
 class SwarmFollower:
@@ -71,21 +62,8 @@ class SwarmFollower:
     # -- contribution evidence --------------------------------------------------------------------
     def poll_progress(self) -> dict[str, PeerProgress]:
         """Read every peer's signed progress record and remember the most samples seen per epoch."""
-        found = self.trainer.dht.get(f"{self.trainer.settings.run_id}_progress", latest=True)
-        progress: dict[str, PeerProgress] = {}
-        if found is None or not isinstance(found.value, dict):
-            return progress
-        for entry in found.value.values():
-            value = getattr(entry, "value", None)
-            if not isinstance(value, dict):
-                continue
-            try:
-                peer = PeerID(value["peer_id"]).to_base58()
-                record = PeerProgress(peer, int(value["epoch"]), int(value["samples_accumulated"]),
-                                      float(value["samples_per_second"]))
-            except (KeyError, TypeError, ValueError):
-                continue
-            progress[peer] = record
+        progress = read_peer_progress(self.trainer.dht, self.trainer.settings.run_id)
+        for peer, record in progress.items():
             seen = self._contributions[peer]
             seen[record.epoch] = max(seen.get(record.epoch, 0), record.samples_accumulated)
         return progress

@@ -55,11 +55,11 @@ def build_model(preset: ModelPreset, vocab_size: int, seq_len: int | None = None
         bos_token_id=vocab_size - 1,
         eos_token_id=vocab_size - 1,
     )
-    config.loss_type = "ForCausalLM"
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         model = GPT2LMHeadModel(config)
+        model.loss_type = "ForCausalLM"  # transformers warns on every forward when this is unset
     finally:
         torch.random.set_rng_state(generator_state)
     return model

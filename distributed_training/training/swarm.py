@@ -123,6 +123,8 @@ class SwarmTrainer:
             grad_compression=COMPRESSION[settings.compression](),
             state_averaging_compression=COMPRESSION[settings.compression](),
             use_local_updates=False,
+            # hivemind warns (and risks rare deadlocks) when a request may outlast matchmaking
+            averager_opts={"request_timeout": max(0.5, min(3.0, settings.matchmaking_time / 2))},
             verbose=False,
         )
 
