@@ -26,6 +26,7 @@ COMPRESSIONS = ("none", "fp16", "uint8")
 EMBEDDED_NETWORK = "embedded"
 BITTENSOR_NETWORKS = ("finney", "test", "local", "archive")
 BEHAVIOURS = ("honest", "dead", "liar", "copycat", "lazy", "stale")
+TRAINING_MODES = ("swarm", "diloco")
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,13 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise ValueError("must be zero or a positive number")
+    return value
+
+
+def _momentum(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise ValueError("must be a number in [0, 1)")
     return value
 
 
@@ -160,6 +168,13 @@ def _common_flags() -> list[Flag]:
         Flag("neuron.weight_decay", _non_negative_float, 0.1, "AdamW weight decay"),
         Flag("neuron.grad_clip", _non_negative_float, 1.0, "clip the global gradient norm to this (0 turns it off)"),
         Flag("neuron.grad_compression", str, "none", "gradient compression on the wire", choices=COMPRESSIONS),
+        Flag("training.mode", str, "swarm",
+             "swarm: one AdamW step on the all-reduced gradient per global epoch; diloco: local AdamW steps, "
+             "then an outer Nesterov step on the all-reduced pseudo-gradient per global epoch", choices=TRAINING_MODES),
+        Flag("training.inner_steps", _non_negative_int, 100,
+             "diloco: most local steps a peer takes in one outer round before it waits for the swarm (0: no cap)"),
+        Flag("training.outer_lr", _positive_float, 0.7, "diloco: outer Nesterov SGD learning rate"),
+        Flag("training.outer_momentum", _momentum, 0.9, "diloco: outer Nesterov momentum, in [0, 1)"),
         Flag("neuron.checkpoint_every", _non_negative_int, 1, "save a checkpoint every N global epochs (0: never)"),
         Flag("neuron.max_epochs", _non_negative_int, 0, "stop after this many global epochs (0: run forever)"),
         Flag("neuron.max_steps", _non_negative_int, 0, "stop after this many local steps (0: no limit)"),
@@ -235,10 +250,13 @@ class Settings:
 
 
 def _read_dotenv(path: Optional[Path]) -> dict[str, str]:
+    """`.env` (committed defaults), overridden by `.env.local` beside it (git-ignored secrets)."""
     candidate = path if path is not None else Path.cwd() / ".env"
-    if not candidate.is_file():
-        return {}
-    return {key: value for key, value in dotenv_values(candidate).items() if value is not None}
+    values: dict[str, str] = {}
+    for file in (candidate, candidate.with_name(candidate.name + ".local")):
+        if file.is_file():
+            values.update({key: value for key, value in dotenv_values(file).items() if value is not None})
+    return values
 
 
 def parse_config(role: str, argv: Optional[Iterable[str]] = None, *, env: Optional[dict[str, str]] = None,

@@ -1,20 +1,18 @@
 """The miner: trains in the swarm, and answers validators about the pages they assign it.
 
-The model is touched by one thread only, the training loop. Validator requests arrive on the
-HTTP server's threads and are handed to the loop through a queue, answered between two local
-steps, so an answer is always computed on a whole, consistent model state (never half-way
-through an optimizer step) and training never races with evaluation.
+The live model belongs to the training loop alone. Validators are answered on the HTTP server's
+threads from a copy of the model taken at the start of the current global epoch (the state all
+peers share until the next all-reduce), so an answer never waits for a training step that may
+be blocked in an all-reduce, and never sees half-applied parameters.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import signal
+import socket
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Iterator, Optional
@@ -29,22 +27,17 @@ from .protocol import IsAliveResponse, WorkRequest, WorkResponse
 from .training.checkpoint import load_checkpoint, save_checkpoint
 from .training.data import assign_pages
 from .training.dht import MinerRecord
+from .training.snapshots import ModelSnapshots
 from .wandb_sink import open_wandb
 
 logger = logging.getLogger(__name__)
 
-ANSWER_TIMEOUT = 60.0  # seconds an HTTP thread waits for the training loop to answer
 LIAR_FACTOR = 0.7  # a liar claims a loss 30 % lower than its model's
+FOLLOW_INTERVAL = 1.0  # seconds between catch-ups of miners that do not train
 
 
 class MinerStopped(RuntimeError):
-    """The training loop stopped before it could answer."""
-
-
-@dataclass
-class _WorkJob:
-    request: WorkRequest
-    future: Future = field(default_factory=Future)
+    """The miner is shutting down or not ready to answer."""
 
 
 class Miner:
@@ -56,8 +49,9 @@ class Miner:
         self.state_dir = state_dir(config)
         self.metrics = MetricsLog(self.state_dir / "metrics.jsonl")
         self.stop_event = threading.Event()
-        self.jobs: "queue.Queue[_WorkJob]" = queue.Queue()
         self.priority_pages: list[int] = []
+        self._pages_lock = threading.Lock()
+        self.snapshots: Optional[ModelSnapshots] = None
         self.identity = None if config.neuron.swarm_only else open_identity(config)
         self.uid = self.identity.uid if self.identity else config.neuron.uid
         sink = open_wandb(config, "miner", self.identity.hotkey if self.identity else "swarm", self.state_dir)
@@ -75,6 +69,7 @@ class Miner:
             if self.behaviour == "dead":
                 return self._run_dead()
             self.parts = build_swarm_parts(self.config, self.metrics)
+            self.snapshots = ModelSnapshots(self.parts.model, keep=1)
             self._resume()
             self._start_endpoint()
             self._join_swarm()
@@ -86,7 +81,7 @@ class Miner:
     def _run_dead(self) -> int:
         """A miner that registered and published an endpoint, then never answers (crashed, unplugged)."""
         if self.identity is not None:
-            self.identity.publish_endpoint(port=self.config.axon.port)
+            self.identity.publish_endpoint(port=self.config.axon.port or _unused_port())
         self.metrics.write("start", behaviour="dead", uid=self.uid)
         self.stop_event.wait()
         return 0
@@ -110,8 +105,8 @@ class Miner:
 
     def _join_swarm(self) -> None:
         parts = self.parts
-        if self.behaviour != "lazy":
-            parts.trainer.catch_up()
+        parts.trainer.catch_up()
+        self._snapshot()
         self._publish_record()
         if self.config.neuron.wait_for_peers:
             logger.info("waiting for %d miners of run %s", self.config.neuron.wait_for_peers, self.config.neuron.run_id)
@@ -121,7 +116,6 @@ class Miner:
 
     def _shutdown(self) -> None:
         self.stop_event.set()
-        self._fail_pending_jobs()
         if self.server is not None:
             self.server.stop()
         if self.parts is not None:
@@ -135,18 +129,16 @@ class Miner:
 
     # -- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.behaviour in ("lazy", "copycat", "stale"):
+            return self._follow()
         trainer, cfg = self.parts.trainer, self.config.neuron
         batches = self._batches()
         window_start, window_samples, losses = time.monotonic(), 0, []
         while not self.stop_event.is_set():
-            self._answer_pending_jobs(block=self.behaviour in ("lazy", "stale", "copycat"))
-            if self.behaviour in ("lazy", "copycat"):
-                trainer.catch_up()  # follows the swarm's model without contributing to it
-                continue
-            if self.behaviour == "stale":
-                continue  # keeps the model of the epoch it joined at, forever
             report = trainer.train_batch(next(batches))
             self.step += 1
+            if report.epoch_changed:
+                self._snapshot()
             if report.skipped:
                 self.metrics.write("skip", step=self.step, skipped=trainer.skipped_batches)
                 continue
@@ -161,6 +153,18 @@ class Miner:
             if (cfg.max_epochs and trainer.local_epoch >= cfg.max_epochs) or (cfg.max_steps and self.step >= cfg.max_steps):
                 logger.info("reached the configured limit (epoch %d, step %d); stopping", trainer.local_epoch, self.step)
                 break
+
+    def _follow(self) -> None:
+        """Miners that do not train: lazy and copycat follow the swarm's model, stale keeps its first one."""
+        while not self.stop_event.wait(FOLLOW_INTERVAL):
+            if self.behaviour == "stale":
+                continue
+            if self.parts.trainer.catch_up():
+                self._snapshot()
+
+    def _snapshot(self) -> None:
+        trainer = self.parts.trainer
+        self.snapshots.add(trainer.local_epoch, trainer.shared_state())
 
     def _on_epoch(self, report, mean_loss: float, rate: float) -> None:
         trainer = self.parts.trainer
@@ -189,9 +193,9 @@ class Miner:
         batch_size, pending, round_ = cfg.neuron.batch_size, [], 0
         uid = self.uid or 0
         while True:
-            if self.priority_pages:
+            with self._pages_lock:
                 page_ids, self.priority_pages = self.priority_pages, []
-            else:
+            if not page_ids:
                 page_ids = assign_pages(uid, round_, cfg.data.seed, pages_per_uid=cfg.neuron.pages_per_round,
                                         num_pages=source.num_pages)
                 round_ += 1
@@ -203,36 +207,16 @@ class Miner:
 
     # -- answering validators -------------------------------------------------------------------
     def is_alive(self) -> IsAliveResponse:
-        trainer = self.parts.trainer if self.parts else None
+        epoch = self.snapshots.latest_epoch() if self.snapshots else None
         return IsAliveResponse(version=__version__, protocol=PROTOCOL_VERSION, hotkey=self.identity.hotkey,
-                               peer_id=self.parts.peer_id if self.parts else "",
-                               epoch=trainer.local_epoch if trainer else 0, uid=self.uid)
+                               peer_id=self.parts.peer_id if self.parts else "", epoch=epoch or 0, uid=self.uid)
 
     def work(self, req: WorkRequest, caller_hotkey: str) -> WorkResponse:
-        """Called on an HTTP thread: hand the request to the training loop and wait for its answer."""
-        if self.stop_event.is_set():
-            raise MinerStopped("miner is stopping")
-        job = _WorkJob(req)
-        self.jobs.put(job)
-        return job.future.result(timeout=ANSWER_TIMEOUT)
-
-    def _answer_pending_jobs(self, block: bool) -> None:
-        try:
-            job = self.jobs.get(timeout=0.5) if block else self.jobs.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            try:
-                job.future.set_result(self._answer(job.request))
-            except Exception as exc:  # report to the caller's thread; the loop keeps going
-                job.future.set_exception(exc)
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                return
-
-    def _answer(self, req: WorkRequest) -> WorkResponse:
+        """Called on an HTTP thread: losses on the requested pages from this epoch's model copy."""
         parts, cfg = self.parts, self.config
+        epoch = self.snapshots.latest_epoch() if self.snapshots else None
+        if self.stop_event.is_set() or parts is None or epoch is None:
+            raise MinerStopped("miner is not ready to answer")
         if req.run_id != cfg.neuron.run_id:
             raise ValueError(f"this miner trains run {cfg.neuron.run_id!r}, not {req.run_id!r}")
         page_ids = list(req.pages)
@@ -240,21 +224,23 @@ class Miner:
             # Returns what the copied miner answers: the losses on *its* pages for this round.
             page_ids = assign_pages(cfg.neuron.copy_uid, req.round, cfg.data.seed, pages_per_uid=len(req.pages),
                                     num_pages=parts.source.num_pages)
-        losses = parts.trainer.page_losses([parts.source.page(p) for p in page_ids])
+        losses = self.snapshots.losses_at(epoch, [parts.source.page(p) for p in page_ids])
         if self.behaviour == "liar":
             losses = [loss * LIAR_FACTOR for loss in losses]
         if self.behaviour in ("honest", "liar"):
-            self.priority_pages.extend(p for p in req.pages if p not in self.priority_pages)
-        self.metrics.write("work", round=req.round, pages=page_ids, losses=losses, epoch=parts.trainer.local_epoch)
-        return WorkResponse(run_id=req.run_id, round=req.round, epoch=parts.trainer.local_epoch,
-                            peer_id=parts.peer_id, losses=losses, samples_trained=parts.trainer.samples_trained)
+            with self._pages_lock:
+                self.priority_pages.extend(p for p in req.pages if p not in self.priority_pages)
+        self.metrics.write("work", round=req.round, pages=page_ids, losses=losses, epoch=epoch,
+                           validator=caller_hotkey)
+        return WorkResponse(run_id=req.run_id, round=req.round, epoch=epoch, peer_id=parts.peer_id,
+                            losses=losses, samples_trained=parts.trainer.samples_trained)
 
-    def _fail_pending_jobs(self) -> None:
-        while True:
-            try:
-                self.jobs.get_nowait().future.set_exception(MinerStopped("miner stopped"))
-            except queue.Empty:
-                return
+
+def _unused_port() -> int:
+    """A port nothing listens on (for a miner that publishes an endpoint it never serves)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def write_peer_file(path: Path, maddrs: list[str], peer_id: str) -> None:

@@ -85,11 +85,21 @@ def build_swarm_parts(config: SimpleNamespace, metrics: Optional[MetricsLog] = N
         logger.info("model %s: %.2fM parameters, vocab %d, seq_len %d, device %s",
                     preset.name, num_params / 1e6, tokenizer.vocab_size, seq_len, device)
         cfg = config.neuron
-        trainer = SwarmTrainer(model, dht, SwarmSettings(
+        common = dict(
             run_id=cfg.run_id, batch_size=cfg.batch_size, target_batch_size=cfg.target_batch_size,
             matchmaking_time=cfg.matchmaking_time, averaging_timeout=cfg.averaging_timeout, lr=cfg.lr,
             weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, compression=cfg.grad_compression,
-        ), device)
+        )
+        training = getattr(config, "training", None)
+        if getattr(training, "mode", "swarm") == "diloco":
+            from .training.diloco import DiLoCoSettings, DiLoCoTrainer
+
+            trainer = DiLoCoTrainer(model, dht, DiLoCoSettings(
+                **common, inner_steps=training.inner_steps, outer_lr=training.outer_lr,
+                outer_momentum=training.outer_momentum,
+            ), device)
+        else:
+            trainer = SwarmTrainer(model, dht, SwarmSettings(**common), device)
         records = MinerRecords(dht, cfg.run_id)
     except BaseException:
         dht.shutdown()
@@ -98,6 +108,8 @@ def build_swarm_parts(config: SimpleNamespace, metrics: Optional[MetricsLog] = N
         metrics.write("dht", peer_id=peer_id, maddrs=maddrs)
     identity_fields = {"run_id": config.neuron.run_id, "preset": preset.name, "seq_len": seq_len,
                        "tokenizer": tokenizer.digest}
+    if getattr(getattr(config, "training", None), "mode", "swarm") == "diloco":
+        identity_fields["training_mode"] = "diloco"  # a swarm checkpoint's optimizer state does not fit
     return SwarmParts(source=source, tokenizer=tokenizer, model=model, dht=dht, trainer=trainer, records=records,
                       peer_id=peer_id, num_params=num_params, identity_fields=identity_fields)
 

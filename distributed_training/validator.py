@@ -25,7 +25,7 @@ from .training.data import assign_pages
 from .training.follower import SwarmFollower
 from .transport import MinerClient, Target
 from .validation.scoring import ScoreBook
-from .validation.verify import Tolerance, Verdict, judge, no_response
+from .validation.verify import Tolerance, Verdict, judge, matching_epoch, no_response
 from .wandb_sink import open_wandb
 from . import PROTOCOL_VERSION
 
@@ -106,6 +106,9 @@ class Validator:
             for n in sampled
         }
         targets = [Target(uid=n.uid, hotkey=n.hotkey, ip=n.ip, port=n.port) for n in sampled]
+        # Epoch lag is judged against the swarm as it was when the question was asked: an epoch
+        # that ends while miners answer must not make a prompt miner look stale.
+        asked_epoch = self.follower.swarm_epoch
         started = time.monotonic()
         results = self.client.run_queries(targets, WORK_PATH, requests, WorkResponse)
         query_time = time.monotonic() - started
@@ -117,7 +120,7 @@ class Validator:
         verdicts, rows = {}, []
         for neuron in sampled:
             result = results.get(neuron.uid)
-            verdict, detail = self._verify(requests[neuron.uid], result)
+            verdict, detail = self._verify(requests[neuron.uid], result, asked_epoch)
             verdicts[neuron.uid] = verdict
             entry = self.book.record(neuron.uid, neuron.hotkey, verdict.score, verdict.reason, verdict.responded)
             rows.append({"uid": neuron.uid, "hotkey": neuron.hotkey, "score": verdict.score, "reason": verdict.reason,
@@ -131,7 +134,7 @@ class Validator:
         self._log_table(rows, block, query_time, verify_time)
         return verdicts
 
-    def _verify(self, request: WorkRequest, result) -> tuple[Verdict, dict]:
+    def _verify(self, request: WorkRequest, result, asked_epoch: int) -> tuple[Verdict, dict]:
         if result is None or not result.ok:
             return no_response(f"no answer: {result.error if result else 'not queried'}"), {}
         response: WorkResponse = result.response
@@ -142,15 +145,26 @@ class Validator:
         picks = sorted(self.rng.sample(range(len(request.pages)), k))
         pages = [self.parts.source.page(request.pages[i]) for i in picks]
         reported = [response.losses[i] for i in picks]
-        swarm_epoch = self.follower.swarm_epoch
-        candidates = [e for e in self.follower.epochs() if swarm_epoch - e <= self.tolerance.max_epoch_lag + 1]
-        recomputed = {epoch: self.follower.losses_at(epoch, pages) for epoch in candidates}
+        if response.epoch not in self.follower.epochs() and response.epoch > max(self.follower.epochs(), default=-1):
+            self.follower.refresh()  # the miner is already on an epoch this validator has not loaded
+        swarm_epoch = asked_epoch
+        candidates = [e for e in self.follower.epochs() if e >= swarm_epoch - self.tolerance.max_epoch_lag - 1]
+        recompute_started = time.monotonic()
+        recomputed: dict[int, list[float]] = {}
+        # The claimed epoch first: for an honest miner one recomputation settles it.
+        for epoch in sorted(candidates, key=lambda e: (e != response.epoch, -e)):
+            recomputed[epoch] = self.follower.losses_at(epoch, pages)
+            if matching_epoch(reported, {epoch: recomputed[epoch]}, self.tolerance) is not None:
+                break
+        recompute_time = time.monotonic() - recompute_started
         contributed = self.follower.contributed(response.peer_id, since_epoch=swarm_epoch - 2)
         verdict = judge(claimed_epoch=response.epoch, swarm_epoch=swarm_epoch, sampled_reported=reported,
-                        recomputed_by_epoch=recomputed, contributed=contributed, tolerance=self.tolerance)
+                        recomputed_by_epoch=recomputed, contributed=contributed, tolerance=self.tolerance,
+                        latest_epoch=self.follower.swarm_epoch)
         best = recomputed.get(response.epoch) or (next(iter(recomputed.values())) if recomputed else [])
         return verdict, {"epoch": response.epoch, "reported": reported, "recomputed": best,
-                         "samples_trained": response.samples_trained}
+                         "samples_trained": response.samples_trained, "recompute_s": recompute_time,
+                         "recomputed_pages": len(pages) * len(recomputed)}
 
     def _maybe_set_weights(self, block: int) -> None:
         last = self.book.last_weights_block

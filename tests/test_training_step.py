@@ -158,8 +158,6 @@ def _reference_step(batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     model = _model()
     params = list(model.parameters())
-    optimizer = ClippedAdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY, max_grad_norm=GRAD_CLIP)
-    initialize_optimizer_state_(optimizer)
     grads = [torch.zeros_like(p) for p in params]
     for inputs in batches:
         model.zero_grad(set_to_none=True)
@@ -168,6 +166,9 @@ def _reference_step(batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
             acc.add_(param.grad)
     for param, acc in zip(params, grads):
         param.grad = acc * (1.0 / len(batches))
+    # after the backward passes: hivemind initialises its own (offloaded) copy, not the model's weights
+    optimizer = ClippedAdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY, max_grad_norm=GRAD_CLIP)
+    initialize_optimizer_state_(optimizer)  # keeps .grad as it was
     optimizer.step()
     return _snapshot(model)
 

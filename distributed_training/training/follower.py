@@ -9,16 +9,15 @@ contributes samples to the swarm rather than only answering validators.
 
 from __future__ import annotations
 
-import copy
 import logging
-import threading
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from typing import Sequence
 
 import torch
 
 from .progress import PeerProgress, read_peer_progress
-from .swarm import SwarmTrainer, page_losses
+from .snapshots import ModelSnapshots
+from .swarm import SwarmTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +27,8 @@ class SwarmFollower:
 
     def __init__(self, trainer: SwarmTrainer, keep_epochs: int = 4):
         self.trainer = trainer
-        self.keep_epochs = keep_epochs
-        self.snapshots: "OrderedDict[int, dict[str, torch.Tensor]]" = OrderedDict()
-        self._scratch = copy.deepcopy(trainer.model).cpu().eval()
+        self.snapshots = ModelSnapshots(trainer.model, keep=keep_epochs)
         self._contributions: dict[str, dict[int, int]] = defaultdict(dict)
-        self._lock = threading.Lock()
 
     @property
     def swarm_epoch(self) -> int:
@@ -42,22 +38,15 @@ class SwarmFollower:
         """Catch up with the swarm if it moved on; snapshot each epoch seen. Returns the local epoch."""
         self.trainer.catch_up()
         epoch = self.trainer.local_epoch
-        with self._lock:
-            if epoch not in self.snapshots:
-                self.snapshots[epoch] = {k: v.detach().cpu().clone() for k, v in self.trainer.model.state_dict().items()}
-                while len(self.snapshots) > self.keep_epochs:
-                    self.snapshots.popitem(last=False)
+        if epoch not in self.snapshots:
+            self.snapshots.add(epoch, self.trainer.shared_state())
         return epoch
 
     def epochs(self) -> list[int]:
-        with self._lock:
-            return sorted(self.snapshots)
+        return self.snapshots.epochs()
 
     def losses_at(self, epoch: int, pages: Sequence[torch.Tensor]) -> list[float]:
-        with self._lock:
-            state = self.snapshots[epoch]
-            self._scratch.load_state_dict(state)
-            return page_losses(self._scratch, pages, torch.device("cpu"))
+        return self.snapshots.losses_at(epoch, pages)
 
     # -- contribution evidence --------------------------------------------------------------------
     def poll_progress(self) -> dict[str, PeerProgress]:

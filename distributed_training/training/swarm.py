@@ -190,6 +190,10 @@ class SwarmTrainer:
         """Mean next-token loss of the current model on each page, as a validator recomputes it."""
         return page_losses(self.model, pages, self.device)
 
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """A private CPU copy of the model every peer holds this epoch (what validators reproduce)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
     # -- persistence ----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {

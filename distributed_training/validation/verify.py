@@ -66,13 +66,19 @@ def matching_epoch(reported: Sequence[float], recomputed_by_epoch: Mapping[int, 
 
 def judge(*, claimed_epoch: int, swarm_epoch: int, sampled_reported: Sequence[float],
           recomputed_by_epoch: Mapping[int, Sequence[float]], contributed: bool,
-          tolerance: Tolerance) -> Verdict:
-    """Score a miner that answered with a well-formed, signed response in time."""
+          tolerance: Tolerance, latest_epoch: Optional[int] = None) -> Verdict:
+    """Score a miner that answered with a well-formed, signed response in time.
+
+    `swarm_epoch` is the swarm's epoch when the miner was asked; `latest_epoch` (default: the
+    same) is the newest the validator knows of, which a miner may legitimately have reached by
+    the time it answered.
+    """
+    latest = swarm_epoch if latest_epoch is None else max(latest_epoch, swarm_epoch)
     lag = swarm_epoch - claimed_epoch
     if lag > tolerance.max_epoch_lag:
         return Verdict(SCORE_UNACCEPTABLE, f"stale: epoch {claimed_epoch}, swarm at {swarm_epoch}")
-    if claimed_epoch > swarm_epoch + tolerance.max_epoch_lag:
-        return Verdict(SCORE_UNACCEPTABLE, f"claims epoch {claimed_epoch} ahead of the swarm's {swarm_epoch}")
+    if claimed_epoch > latest + tolerance.max_epoch_lag:
+        return Verdict(SCORE_UNACCEPTABLE, f"claims epoch {claimed_epoch} ahead of the swarm's {latest}")
     if not recomputed_by_epoch:
         return Verdict(SCORE_UNACCEPTABLE, "no model state to verify against")
     epoch = matching_epoch(sampled_reported, recomputed_by_epoch, tolerance)

@@ -1,0 +1,594 @@
+"""DiLoCo training: many local AdamW steps, then one outer Nesterov step on the averaged pseudo-gradient.
+
+Every peer holds the swarm's global parameters θ_global (the state of the current global epoch,
+identical on every peer) and a local copy of the model that it trains with AdamW on its own batches
+(`--neuron.lr`, betas (0.9, 0.95), `--neuron.weight_decay`, the local gradient clipped to
+`--neuron.grad_clip`). At the end of a round each peer computes its pseudo-gradient
+Δ = θ_global − θ_local, the peers all-reduce it (weighted by the samples each one trained this round),
+and every peer applies the same outer step: SGD with Nesterov momentum (`--training.outer_lr` 0.7,
+`--training.outer_momentum` 0.9) on θ_global with the averaged Δ as gradient. Every peer then resets
+its local model to the new θ_global; one outer step is one global epoch.
+
+Which hivemind pieces, and why:
+- `hivemind.optim.progress_tracker.ProgressTracker` (prefix = run id) counts the samples each peer
+  trained in the current epoch and publishes them as the signed `<run_id>_progress` records the
+  validator reads as evidence of contribution, exactly as in swarm mode. Its global epoch is the
+  highest epoch any training peer reports.
+- One `hivemind.averaging.DecentralizedAverager` (`_PseudoGradientAverager`, prefix
+  `<run_id>_diloco`) whose averaged tensors are fp32 pseudo-gradient buffers, one per parameter.
+  The same averager serves this peer's state to joiners (`get_current_state`: θ_global, the outer
+  momentum buffers and the epoch, uncompressed) and downloads it (`load_state_from_peers`), with
+  the epoch as state-sharing priority so joiners load from the most advanced peer.
+  `TrainingStateAverager` was not used: it averages *parameters* and optimizer statistics (and
+  would need a second, gradient averager next to it, as `hivemind.Optimizer` has); in DiLoCo the
+  only thing to average is the pseudo-gradient, and every peer applies the same outer step, so
+  one averager over the Δ buffers is all the traffic a round needs.
+- hivemind's butterfly all-reduce lets every member add a *delta* (average − own part) to its own
+  buffer, compressed relative to what *it* sent, and it silently keeps the local part of a reducer
+  that failed. Both leave peers with slightly (compression) or grossly (failure) different
+  averages, so their θ_global would drift apart. `_ConsensusAllReduceRunner` changes two things:
+  a reducer sends back the averaged part itself, compressed once, and uses the decompressed bytes
+  it sent for its own part too, so every member of the group decodes the very same values; and a
+  round in which any part failed is an error for that peer (it loads the state from peers rather
+  than stepping with a partial average). With `--neuron.grad_compression fp16|uint8` the peers
+  therefore still end with bit-identical θ_global; only the average itself is quantised.
+
+When a round happens (sizing): by samples, as in swarm mode. An outer round starts when the swarm's
+samples for the epoch reach `--neuron.target_batch_size` (ProgressTracker's `ready_to_update_epoch`,
+which all peers read from the same DHT records and so reach at about the same moment), or when this
+peer has taken `--training.inner_steps` (H) local steps in the round, whichever comes first; H is a
+cap for peers much faster than the rest (it only binds when H·batch_size is below the target), and a
+peer that reached it waits in matchmaking for the others. A fixed H alone was not used as the
+trigger because it is a private count: peers of different speed, or one that joined mid-epoch,
+would start matchmaking at different moments and the first would time out waiting.
+
+Rules that keep θ_global identical on every peer:
+- a peer steps alone only when no other peer of its epoch publishes progress (checked in the DHT
+  right before the round); if a round with partners fails, it does not step, keeps its inner work
+  and retries, and if the swarm moved on meanwhile it loads θ_global from a peer;
+- the group all-gathers each member's epoch; a group whose members disagree discards the round
+  (every member sees the same gathered data, so all decide the same) and members behind load state;
+- a non-finite loss or gradient is skipped and counted before the inner step, and a non-finite
+  pseudo-gradient is replaced by zeros with weight 0, so nothing non-finite reaches the averaging;
+- checkpoints, `page_losses` and the state served to joiners are θ_global, never the half-trained
+  inner weights; `model` is the local model, equal to θ_global right after every outer step and
+  after `catch_up()` (and always, on a peer that never trains, such as the validator's follower).
+
+Bytes per round: with P parameters, a group of N peers and b bytes per value on the wire (4 none,
+2 fp16, about 1 uint8), each peer sends its (N−1)/N·P values to their reducers and, as a reducer of
+P/N values, returns the average of its part to the N−1 others: about 2·(N−1)/N·P·b bytes sent and
+as many received per peer per outer round, plus matchmaking. A joiner downloads 8·P bytes once
+(θ_global and the momentum, fp32). Swarm mode moves the same all-reduce volume per global epoch,
+but its epoch is one optimizer step; here it is H inner steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import hivemind
+import numpy as np
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
+from hivemind.averaging.control import AveragingStage
+from hivemind.averaging.partition import BannedException
+from hivemind.compression import CompressionInfo, NoCompression, deserialize_torch_tensor
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
+from hivemind.utils.timed_storage import get_dht_time
+
+from .progress import read_peer_progress
+from .swarm import COMPRESSION, ClippedAdamW, StepReport, SwarmSettings, page_losses
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "diloco-1"
+LOAD_STATE_ATTEMPTS = 3
+CATCH_UP_RETRY_SECONDS = 5.0  # a peer that could not load the swarm's state retries this often
+
+
+@dataclass(frozen=True)
+class DiLoCoSettings(SwarmSettings):
+    inner_steps: int = 100  # H: at most this many local steps per round before waiting for the round (0: no cap)
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+
+
+# --- the all-reduce ------------------------------------------------------------------------------------
+def _deserialize(serialized) -> torch.Tensor:
+    """hivemind's `deserialize_torch_tensor`, with 8-bit codebooks read the way numpy 2 allows.
+
+    hivemind 1.1.12's `Quantization.extract` calls `int()` on a one-element array, which numpy 2 refuses,
+    so every 8-bit part fails to decode there (and its stock all-reduce then keeps local values).
+    """
+    if serialized.compression not in (runtime_pb2.UNIFORM_8BIT, runtime_pb2.QUANTILE_8BIT):
+        return deserialize_torch_tensor(serialized)
+    buffer = serialized.buffer
+    codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
+    codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=np.float32)
+    indices = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=np.uint8)
+    indices = torch.as_tensor(indices, dtype=torch.int64).reshape(tuple(serialized.size))
+    return torch.as_tensor(codebook).to(dtype=getattr(torch, serialized.dtype))[indices]
+
+
+class _ConsensusAllReduceRunner(AllReduceRunner):
+    """hivemind's butterfly all-reduce, changed so that every member of the group gets the same bits.
+
+    hivemind returns to each sender `average - its own part`, compressed, and lets a failed reducer's
+    parts silently keep the local values. Here a reducer returns the average itself, compressed
+    once (the same bytes for every sender), its own part goes through the same compression, and
+    outputs are absolute values; `failed_size` tells the averager whether any part failed.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._compressed_results: dict[int, Any] = {}
+
+    def _compress_result(self, part_index: int, averaged_part: torch.Tensor):
+        cached = self._compressed_results.get(part_index)
+        if cached is None:  # concurrent senders may compute it twice; the result is the same
+            compression = self.tensor_part_container.compression
+            cached = compression.compress(averaged_part, CompressionInfo.from_tensor(averaged_part), allow_inplace=False)
+            self._compressed_results[part_index] = cached
+        return cached
+
+    async def _communicate_with_peer(self, peer_id):
+        """Send our parts to `peer_id`'s reducer and register the averages it returns (ours: as others get them)."""
+        loop = asyncio.get_event_loop()
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        if peer_id == self.peer_id:
+            sender_index = self.sender_peer_ids.index(peer_id)
+            for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+                averaged_part = await self.tensor_part_reducer.accumulate_part(
+                    sender_index, part_index, tensor_part, weight=self.weight)
+                as_sent = await loop.run_in_executor(
+                    None, lambda: _deserialize(self._compress_result(part_index, averaged_part)))
+                self.tensor_part_container.register_processed_part(peer_index, part_index, as_sent)
+            return
+        try:  # hivemind's sender loop, with our decoder
+            done_sending = asyncio.Event()
+            inputs_aiter = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+
+            def _decode(msg):
+                if msg.code != averaging_pb2.AVERAGED_PART:
+                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
+                return _deserialize(msg.tensor_part)
+
+            part_index = 0
+            async for averaged_part in amap_in_executor(_decode, aiter_with_timeout(stream, self.reducer_timeout),
+                                                        max_prefetch=self.tensor_part_container.prefetch):
+                self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
+                part_index += 1
+            if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
+                raise AllreduceException(f"peer {peer_id} sent {part_index} parts, expected "
+                                         f"{self.tensor_part_container.num_parts_by_peer[peer_index]}")
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                logger.debug("all-reduce with %s failed: %r", peer_id, exc, exc_info=True)
+            self.tensor_part_container.register_failed_reducer(peer_index)
+            raise
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        """hivemind's reducer loop, returning the compressed average instead of a per-sender delta."""
+        part_index = 0
+        try:
+            loop = asyncio.get_event_loop()
+            async for tensor_part, weight in amap_in_executor(
+                lambda msg: (_deserialize(msg.tensor_part), msg.weight), stream,
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                try:
+                    averaged_part = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, tensor_part, weight=weight)
+                except BannedException:
+                    break  # the sender was banned; its parts no longer count
+                serialized = await loop.run_in_executor(None, self._compress_result, part_index, averaged_part)
+                part_index += 1
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+class _PseudoGradientAverager(DecentralizedAverager):
+    """Averages the pseudo-gradient buffers with `_ConsensusAllReduceRunner`; serves θ_global to joiners.
+
+    `state_source` is set by the trainer: a callable returning (metadata, tensors) of the state
+    peers download. It runs in this (the host) process, on hivemind's state-fetching thread.
+    """
+
+    state_source = None
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = _ConsensusAllReduceRunner(
+            p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids, **kwargs)
+        assert group_id in self._running_groups, f"group {group_id} was not registered"
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
+            async for _ in runner:
+                raise ValueError("auxiliary peers do not receive averaged tensors")
+            return
+        averaged = [tensor async for tensor in runner]
+        failed = runner.tensor_part_container.failed_size
+        if failed:
+            raise AllreduceException(f"{failed} of {runner.tensor_part_container.total_size} values were not "
+                                     "averaged (a reducer failed); not using a partial average")
+        for tensor, value in zip(tensors, averaged):
+            tensor.copy_(value)
+        self.last_updated = get_dht_time()
+        self._state_updated.set()
+
+    def get_current_state(self):
+        if self.state_source is None:
+            return dict(format=None), [], None
+        metadata, tensors = self.state_source()
+        return metadata, tensors, None
+
+
+# --- the trainer ---------------------------------------------------------------------------------------
+class DiLoCoTrainer:
+    """One peer's side of DiLoCo training; the same interface as `SwarmTrainer`."""
+
+    def __init__(self, model: torch.nn.Module, dht: hivemind.DHT, settings: DiLoCoSettings, device: torch.device):
+        if settings.compression not in COMPRESSION:
+            raise ValueError(f"unknown gradient compression {settings.compression!r}; use {', '.join(COMPRESSION)}")
+        if settings.inner_steps < 0 or not settings.outer_lr > 0 or not 0 <= settings.outer_momentum < 1:
+            raise ValueError("DiLoCo needs inner_steps >= 0, outer_lr > 0 and 0 <= outer_momentum < 1")
+        self.settings, self.dht, self.device = settings, dht, device
+        # θ_global lives on the CPU, next to the buffers hivemind all-reduces; the outer step runs there.
+        self.global_model = copy.deepcopy(model).to("cpu")
+        self.model = model.to(device)
+        self._local_params = [param for _, param in self.model.named_parameters()]
+        self._global_params = [param for _, param in self.global_model.named_parameters()]
+        self.samples_trained = 0
+        self.skipped_batches = 0
+        self.discarded_rounds = 0  # rounds with partners that failed or were thrown away
+        self.last_group_size: Optional[int] = None
+        self._epoch = 0
+        self._round_samples = 0
+        self._round_steps = 0
+        self._next_catch_up_try = 0.0
+        self._state_lock = threading.RLock()
+
+        self.inner_optimizer = ClippedAdamW(self._local_params, lr=settings.lr, betas=(0.9, 0.95),
+                                            weight_decay=settings.weight_decay, max_grad_norm=settings.grad_clip)
+        momentum = settings.outer_momentum
+        self.outer_optimizer = torch.optim.SGD(self._global_params, lr=settings.outer_lr, momentum=momentum,
+                                               nesterov=momentum > 0)
+        if momentum > 0:  # explicit zero buffers: the same first step as torch's lazy init, and shareable state
+            for param in self._global_params:
+                self.outer_optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+
+        self.tracker = ProgressTracker(dht=dht, prefix=settings.run_id, target_batch_size=settings.target_batch_size,
+                                       start=True)
+        try:
+            self.averager = _PseudoGradientAverager(
+                [torch.zeros_like(param) for param in self._global_params], dht,
+                prefix=f"{settings.run_id}_diloco", start=False,
+                min_matchmaking_time=settings.matchmaking_time,
+                request_timeout=min(3.0, settings.matchmaking_time / 2),
+                allreduce_timeout=settings.averaging_timeout,
+                compression=COMPRESSION[settings.compression](),
+                state_compression=NoCompression(),  # joiners need θ_global exactly
+            )
+            self.averager.state_source = self._shared_state
+            self.averager.run_in_background(await_ready=True)
+        except BaseException:
+            self.tracker.shutdown(5.0)
+            raise
+
+    # -- progress -------------------------------------------------------------------------------
+    @property
+    def local_epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def global_epoch(self) -> int:
+        return self.tracker.global_epoch
+
+    @property
+    def num_peers(self) -> int:
+        return self.tracker.global_progress.num_peers
+
+    @property
+    def global_samples(self) -> int:
+        return self.tracker.global_progress.samples_accumulated
+
+    # -- training -------------------------------------------------------------------------------
+    def catch_up(self) -> bool:
+        """Load θ_global, the outer optimizer and the epoch from peers if this peer is behind; True if it loaded."""
+        if self.local_epoch >= self.global_epoch:
+            return False
+        logger.info("behind the swarm (epoch %d < %d): loading state from peers", self.local_epoch, self.global_epoch)
+        return self._load_state_from_peers()
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_batch(self, inputs: torch.Tensor) -> StepReport:
+        """One inner step on `inputs` [batch, seq_len]; may end the round with an outer step (a global epoch)."""
+        self.model.train()
+        inputs = inputs.to(self.device)
+        epoch_before = self.local_epoch
+        with self._autocast():
+            loss = self.model(input_ids=inputs, labels=inputs).loss
+        if not torch.isfinite(loss):
+            return self._skip(f"non-finite loss {loss.item()}", epoch_before)
+        loss.backward()
+        if not all(torch.isfinite(p.grad).all() for p in self._local_params if p.grad is not None):
+            return self._skip("non-finite gradient", epoch_before)
+        self.inner_optimizer.step()
+        self.inner_optimizer.zero_grad(set_to_none=True)
+        samples = int(inputs.shape[0])
+        self.samples_trained += samples
+        self._round_samples += samples
+        self._round_steps += 1
+        self.tracker.report_local_progress(self._epoch, self._round_samples)
+
+        group_size = None
+        if self.global_epoch > self._epoch:
+            # the swarm finished this round without us: our inner work cannot join it any more
+            if time.monotonic() >= self._next_catch_up_try:
+                logger.info("the swarm is at epoch %d, this peer at %d: loading its state", self.global_epoch,
+                            self._epoch)
+                self._load_state_from_peers()
+        elif self._round_due():
+            group_size = self._outer_round()
+        changed = self.local_epoch != epoch_before
+        return StepReport(loss=float(loss.item()), samples=samples, skipped=False, epoch=self.local_epoch,
+                          epoch_changed=changed, group_size=group_size if changed else None)
+
+    def _skip(self, reason: str, epoch: int) -> StepReport:
+        self.inner_optimizer.zero_grad(set_to_none=True)
+        self.skipped_batches += 1
+        logger.warning("skipped a batch (%s); %d skipped so far", reason, self.skipped_batches)
+        return StepReport(loss=None, samples=0, skipped=True, epoch=epoch, epoch_changed=False, group_size=None)
+
+    def _round_due(self) -> bool:
+        cap = self.settings.inner_steps
+        return self.tracker.ready_to_update_epoch or bool(cap and self._round_steps >= cap)
+
+    # -- the outer round ------------------------------------------------------------------------
+    def _partners(self) -> int:
+        """Other peers training at this peer's epoch or later, read from the DHT now (not the tracker's cache)."""
+        me = self.dht.peer_id.to_base58()
+        progress = read_peer_progress(self.dht, self.settings.run_id)
+        return sum(1 for peer, record in progress.items()
+                   if peer != me and not record.client_mode and record.epoch >= self._epoch)
+
+    def _outer_round(self) -> Optional[int]:
+        """Average Δ with the peers of this epoch and take the outer step; the group size, or None if no step."""
+        epoch = self._epoch
+        weight = float(self._round_samples)
+        with torch.no_grad(), self.averager.get_tensors() as buffers:
+            for buffer, global_param, local_param in zip(buffers, self._global_params, self._local_params):
+                buffer.copy_(global_param)
+                buffer.sub_(local_param.detach().to("cpu", torch.float32))
+            finite = all(bool(torch.isfinite(buffer).all()) for buffer in buffers)
+            if not finite:
+                for buffer in buffers:
+                    buffer.zero_()
+        if not finite:
+            logger.warning("non-finite pseudo-gradient at epoch %d: contributing zeros with weight 0", epoch)
+            self.skipped_batches += 1
+            weight = 0.0
+            self._reset_local_model()
+
+        if self._partners() == 0:
+            group_size = 1  # alone in the run: the outer step on this peer's own Δ
+        else:
+            gathered = self._average(weight, epoch)
+            if gathered is None:
+                self.discarded_rounds += 1
+                if self.global_epoch > epoch:
+                    self._load_state_from_peers()
+                return None  # no step; keep the inner work and try again after the next batch
+            epochs = {value.get("epoch") if isinstance(value, dict) else None for value in gathered.values()}
+            if epochs != {epoch}:
+                self.discarded_rounds += 1
+                logger.warning("the averaging group mixed epochs %s; every member discards this round", epochs)
+                ahead = [e for e in epochs if isinstance(e, int) and e > epoch]
+                if ahead:
+                    self._load_state_from_peers()
+                return None
+            group_size = len(gathered)
+
+        with torch.no_grad(), self._state_lock:
+            with self.averager.get_tensors() as buffers:
+                averaged = [buffer.clone() for buffer in buffers]
+            if not all(bool(torch.isfinite(delta).all()) for delta in averaged):
+                self.discarded_rounds += 1
+                logger.warning("the averaged pseudo-gradient is not finite; discarding the round")
+                self._reset_local_model()
+                self._round_samples = self._round_steps = 0
+                self.tracker.report_local_progress(self._epoch, 0)
+                return None
+            self.outer_step(averaged)
+            self._epoch = epoch + 1
+        self._start_epoch(self._epoch)
+        self.last_group_size = group_size
+        logger.info("outer step %d: averaged with %d peer(s), ~%.1f MB sent", self._epoch, group_size,
+                    self.bytes_per_round(group_size) / 1e6)
+        return group_size
+
+    def _average(self, weight: float, epoch: int) -> Optional[dict]:
+        """One all-reduce of the Δ buffers; the gathered {peer: {"epoch": ...}} or None if it failed."""
+        settings = self.settings
+        control = self.averager.step(weight=weight, gather=dict(epoch=epoch), timeout=settings.averaging_timeout,
+                                     allow_retries=True, wait=False)
+        deadline = time.monotonic() + 2 * settings.averaging_timeout + settings.matchmaking_time
+        while True:
+            try:
+                return control.result(timeout=0.5)
+            except TimeoutError:
+                pass
+            except BaseException as exc:  # matchmaking or all-reduce failed; hivemind already logged why
+                logger.warning("outer round %d failed: %r", epoch, exc)
+                return None
+            behind = self.global_epoch > epoch and control.stage in (AveragingStage.IDLE,
+                                                                     AveragingStage.LOOKING_FOR_GROUP)
+            if behind or time.monotonic() > deadline:
+                logger.warning("outer round %d abandoned (%s)", epoch,
+                               "the swarm moved on without this peer" if behind else "timed out")
+                control.cancel()
+                return None
+
+    @torch.no_grad()
+    def outer_step(self, averaged_deltas: Sequence[torch.Tensor]) -> None:
+        """Nesterov SGD on θ_global with the averaged Δ as gradient; then the local model restarts from it."""
+        for param, delta in zip(self._global_params, averaged_deltas):
+            param.grad = delta
+        self.outer_optimizer.step()
+        for param in self._global_params:
+            param.grad = None
+        self._reset_local_model()
+
+    @torch.no_grad()
+    def _reset_local_model(self) -> None:
+        for local_param, global_param in zip(self._local_params, self._global_params):
+            local_param.copy_(global_param.to(local_param.device))
+
+    def _start_epoch(self, epoch: int) -> None:
+        self._round_samples = self._round_steps = 0
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(epoch)
+        self.averager.state_sharing_priority = epoch
+
+    def bytes_per_round(self, group_size: int) -> int:
+        """Approximate bytes this peer sends in one all-reduce of Δ with `group_size` peers (0 alone)."""
+        if group_size <= 1:
+            return 0
+        per_value = {"none": 4, "fp16": 2, "uint8": 1}[self.settings.compression]
+        values = sum(param.numel() for param in self._global_params)
+        return int(2 * (group_size - 1) / group_size * values * per_value)
+
+    # -- state shared with and loaded from peers ------------------------------------------------
+    def _momentum_buffers(self) -> list[torch.Tensor]:
+        if self.settings.outer_momentum == 0:
+            return []
+        return [self.outer_optimizer.state[param]["momentum_buffer"] for param in self._global_params]
+
+    def _shared_state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """What joiners download: θ_global, the outer momentum and the epoch (called on hivemind's thread)."""
+        with torch.no_grad(), self._state_lock:
+            tensors = [param.detach().clone() for param in self._global_params]
+            tensors += [buffer.detach().clone() for buffer in self._momentum_buffers()]
+            metadata = dict(format=STATE_FORMAT, epoch=self._epoch, num_params=len(self._global_params))
+        return metadata, tensors
+
+    def _load_state_from_peers(self) -> bool:
+        """Download θ_global, momentum and epoch from the most advanced peer; True if loaded."""
+        self._next_catch_up_try = time.monotonic() + CATCH_UP_RETRY_SECONDS
+        expected = len(self._global_params) + len(self._momentum_buffers())
+        for attempt in range(1, LOAD_STATE_ATTEMPTS + 1):
+            try:
+                loaded = self.averager.load_state_from_peers(timeout=self.settings.load_state_timeout)
+            except BaseException as exc:
+                logger.warning("loading state from peers failed (attempt %d): %r", attempt, exc)
+                continue
+            if loaded is None:
+                logger.warning("no peer could send its state (attempt %d)", attempt)
+                continue
+            metadata, tensors = loaded
+            if not isinstance(metadata, dict) or metadata.get("format") != STATE_FORMAT:
+                logger.warning("a peer sent state of another format: %r", metadata)
+                continue
+            epoch = metadata.get("epoch")
+            shapes_ok = len(tensors) == expected and all(
+                tensor.shape == ref.shape for tensor, ref in zip(tensors, self._global_params + self._momentum_buffers()))
+            if not isinstance(epoch, int) or epoch < self._epoch or not shapes_ok:
+                logger.warning("refusing a peer's state (epoch %r, this peer %d, %d tensors of %d expected)", epoch,
+                               self._epoch, len(tensors), expected)
+                continue
+            with torch.no_grad(), self._state_lock:
+                count = len(self._global_params)
+                for param, value in zip(self._global_params, tensors[:count]):
+                    param.copy_(value)
+                for buffer, value in zip(self._momentum_buffers(), tensors[count:]):
+                    buffer.copy_(value)
+                self._reset_local_model()
+                self._epoch = epoch
+            self.inner_optimizer.zero_grad(set_to_none=True)
+            self._start_epoch(epoch)
+            logger.info("loaded the swarm's state at epoch %d", epoch)
+            return True
+        return False
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def page_losses(self, pages: Sequence[torch.Tensor]) -> list[float]:
+        """Mean loss of θ_global on each page: the state every peer shares for this epoch, as a validator has it."""
+        with self._state_lock:
+            if self.device.type == "cpu":
+                return page_losses(self.global_model, pages, self.device)
+            return self._page_losses_on_device(pages)
+
+    def _page_losses_on_device(self, pages: Sequence[torch.Tensor]) -> list[float]:
+        """θ_global through the local model's module on its device, without touching the local weights."""
+        state = {name: tensor.to(self.device) for name, tensor in self.global_model.named_parameters()}
+        state.update({name: tensor.to(self.device) for name, tensor in self.global_model.named_buffers()})
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            losses = []
+            for page in pages:
+                page = page.to(self.device)
+                out = torch.func.functional_call(self.model, state, args=(), kwargs=dict(input_ids=page, labels=page))
+                loss = out.loss.float().item()
+                losses.append(loss if math.isfinite(loss) else float("nan"))
+            return losses
+        finally:
+            self.model.train(was_training)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """θ_global (as "model"), both optimizers and the epoch; what the miner checkpoints."""
+        with self._state_lock:
+            return {
+                "trainer": "diloco",
+                "model": {k: v.detach().cpu().clone() for k, v in self.global_model.state_dict().items()},
+                "optimizer": {"inner": copy.deepcopy(self.inner_optimizer.state_dict()),
+                              "outer": copy.deepcopy(self.outer_optimizer.state_dict())},
+                "local_epoch": self._epoch,
+                "samples_trained": self.samples_trained,
+            }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Resume from `state()`: the local model restarts from the saved θ_global (the round in flight is lost)."""
+        with torch.no_grad(), self._state_lock:
+            self.global_model.load_state_dict(state["model"])
+            if state.get("trainer") == "diloco":
+                self.outer_optimizer.load_state_dict(state["optimizer"]["outer"])
+                self.inner_optimizer.load_state_dict(state["optimizer"]["inner"])
+            else:
+                logger.warning("checkpoint from another training mode: resuming its weights only")
+            if self.settings.outer_momentum > 0:
+                for param in self._global_params:  # a checkpoint taken before the first step has no buffers
+                    self.outer_optimizer.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
+            self._reset_local_model()
+            self._epoch = int(state.get("local_epoch", 0))
+        self.samples_trained = int(state.get("samples_trained", 0))
+        self._start_epoch(self._epoch)
+
+    def shutdown(self) -> None:
+        try:
+            self.tracker.shutdown(5.0)
+        finally:
+            self.averager.shutdown()

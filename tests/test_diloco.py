@@ -1,0 +1,279 @@
+"""DiLoCo training (`--training.mode diloco`): the outer step's math in one process, the all-reduce that
+leaves every peer with the same bits, and miner processes on 127.0.0.1 training together through
+hivemind's real DHT, averaging and state loading."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed_training.logs import read_metrics
+from distributed_training.processes import ProcessGroup
+from distributed_training.training.checkpoint import load_checkpoint
+from distributed_training.training.dht import DHTSettings, start_dht, visible_maddrs
+from distributed_training.training.diloco import DiLoCoSettings, DiLoCoTrainer, _PseudoGradientAverager
+from distributed_training.training.presets import build_model, get_preset
+from distributed_training.training.progress import read_peer_progress
+from distributed_training.training.swarm import COMPRESSION, ClippedAdamW, page_losses
+
+VOCAB, SEQ_LEN, BATCH = 512, 16, 4
+LR, WEIGHT_DECAY, GRAD_CLIP = 1e-2, 0.1, 1.0
+OUTER_LR, OUTER_MOMENTUM, INNER_STEPS = 0.7, 0.9, 3
+CPU = torch.device("cpu")
+
+
+def _model() -> torch.nn.Module:
+    return build_model(get_preset("tiny"), vocab_size=VOCAB, seq_len=SEQ_LEN)
+
+
+def _batch(seed: int, rows: int = BATCH) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, SEQ_LEN), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def dht():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same float sums in the trainer and the reference; kind to 2 cores
+    node = start_dht(DHTSettings(port=0, host_ip="127.0.0.1"))
+    try:
+        yield node
+    finally:
+        node.shutdown()
+        torch.set_num_threads(threads)
+
+
+def _trainer(dht, **overrides) -> DiLoCoTrainer:
+    settings = dict(run_id=f"diloco-{uuid.uuid4().hex[:8]}", batch_size=BATCH, target_batch_size=100_000,
+                    matchmaking_time=1.0, averaging_timeout=10.0, lr=LR, weight_decay=WEIGHT_DECAY,
+                    grad_clip=GRAD_CLIP, load_state_timeout=10.0, inner_steps=INNER_STEPS, outer_lr=OUTER_LR,
+                    outer_momentum=OUTER_MOMENTUM)
+    settings.update(overrides)
+    return DiLoCoTrainer(_model(), dht, DiLoCoSettings(**settings), CPU)
+
+
+# --- one peer: the outer step's math, skipping, evaluation, state -------------------------------------
+def test_single_peer_rounds_follow_nesterov_on_the_pseudo_gradient(dht) -> None:
+    """With no partner a round is the outer step on this peer's own Δ = θ_global − θ_local.
+
+    The reference repeats the inner AdamW steps on its own model and applies SGD with Nesterov
+    momentum by hand: buf = μ·buf + Δ; θ ← θ − lr·(Δ + μ·buf). Two rounds, so the momentum carries.
+    The inner optimizer keeps its state across rounds; the local model restarts from θ_global.
+    """
+    trainer = _trainer(dht)
+    try:
+        reference = _model()
+        params = list(reference.parameters())
+        inner = ClippedAdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY, max_grad_norm=GRAD_CLIP)
+        theta = [p.detach().clone() for p in params]
+        buffers = [torch.zeros_like(p) for p in params]
+        seed = 0
+        for round_ in (1, 2):
+            for step in range(INNER_STEPS):
+                seed += 1
+                if step == 1:  # a batch with a NaN loss: skipped, counted, not an inner step of the round
+                    hook = trainer.model.lm_head.register_forward_hook(lambda m, a, out: out * float("nan"))
+                    try:
+                        assert trainer.train_batch(_batch(1000 + seed)).skipped
+                    finally:
+                        hook.remove()
+                report = trainer.train_batch(_batch(seed))
+                inner.zero_grad(set_to_none=True)
+                reference(input_ids=_batch(seed), labels=_batch(seed)).loss.backward()
+                inner.step()
+                last = step == INNER_STEPS - 1
+                assert not report.skipped and report.epoch_changed == last
+                assert report.epoch == (round_ if last else round_ - 1)
+            assert report.group_size == 1 and trainer.local_epoch == round_
+            with torch.no_grad():
+                for i, param in enumerate(params):
+                    delta = theta[i] - param
+                    buffers[i] = OUTER_MOMENTUM * buffers[i] + delta
+                    theta[i] = theta[i] - OUTER_LR * (delta + OUTER_MOMENTUM * buffers[i])
+                    param.copy_(theta[i])
+
+            saved = trainer.state()["model"]
+            for (name, _), expected in zip(reference.named_parameters(), theta):
+                torch.testing.assert_close(saved[name], expected, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m, name=name: f"round {round_}, {name}: {m}")
+            # every peer restarts its local model from θ_global
+            for (name, local), expected in zip(trainer.model.named_parameters(), theta):
+                torch.testing.assert_close(local.detach(), expected, rtol=1e-5, atol=1e-6)
+            # Continue from the trainer's bits: AdamW turns float noise in gradients that are zero in exact
+            # arithmetic (the attention key biases) into lr-sized steps, which would hide the next round's check.
+            with torch.no_grad():
+                for i, (name, param) in enumerate(reference.named_parameters()):
+                    theta[i] = saved[name].clone()
+                    param.copy_(theta[i])
+        assert trainer.skipped_batches == 2 and trainer.samples_trained == 2 * INNER_STEPS * BATCH
+        assert trainer.global_epoch >= 2
+
+        # the validator's evidence: a signed `<run_id>_progress` record of this peer
+        deadline = time.monotonic() + 20
+        trainer.train_batch(_batch(77))
+        me = dht.peer_id.to_base58()
+        while True:
+            record = read_peer_progress(dht, trainer.settings.run_id).get(me)
+            if record is not None and record.epoch == 2 and record.samples_accumulated == BATCH:
+                break
+            assert time.monotonic() < deadline, f"no progress record for epoch 2: {record}"
+            time.sleep(0.2)  # the tracker publishes from its own thread
+    finally:
+        trainer.shutdown()
+
+
+def test_page_losses_evaluate_theta_global_and_state_round_trips(dht) -> None:
+    trainer = _trainer(dht)
+    other = None
+    try:
+        for seed in range(INNER_STEPS + 1):  # one round, then one more inner step: local != global
+            trainer.train_batch(_batch(200 + seed))
+        assert trainer.local_epoch == 1
+        pages = [_batch(300 + i, rows=2) for i in range(3)]
+        state = trainer.state()
+        global_model = _model()
+        global_model.load_state_dict(state["model"])
+
+        losses = trainer.page_losses(pages)
+        assert losses == pytest.approx(page_losses(global_model, pages, CPU), rel=1e-6)
+        assert losses != pytest.approx(page_losses(trainer.model, pages, CPU), rel=1e-4)  # not the inner weights
+        assert trainer._page_losses_on_device(pages) == pytest.approx(losses, rel=1e-5)  # the cuda path
+        assert trainer.model.training
+
+        other = _trainer(dht)
+        other.restore(state)
+        assert other.local_epoch == 1 and other.samples_trained == trainer.samples_trained
+        for name, tensor in other.state()["model"].items():
+            assert torch.equal(tensor, state["model"][name]), name
+        for name, tensor in other.model.state_dict().items():
+            assert torch.equal(tensor, state["model"][name]), name  # the local model restarts from θ_global
+        assert other.page_losses(pages) == losses
+    finally:
+        trainer.shutdown()
+        if other is not None:
+            other.shutdown()
+
+
+# --- the all-reduce: every member ends with the same bits, also with lossy compression ----------------
+@pytest.mark.parametrize("compression", ["fp16", "uint8"])
+def test_consensus_all_reduce_gives_every_peer_the_same_weighted_average(dht, compression) -> None:
+    second = start_dht(DHTSettings(port=0, host_ip="127.0.0.1", initial_peers=[visible_maddrs(dht)[-1]]))
+    prefix = f"avg-{uuid.uuid4().hex[:8]}"
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(300, 70), (70,), (5, 5)]
+    inputs = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(2)]
+    weights = [1.0, 3.0]
+    averagers = []
+    try:
+        for node, tensors in zip((dht, second), inputs):
+            averagers.append(_PseudoGradientAverager(
+                [t.clone() for t in tensors], node, prefix=prefix, start=True, min_matchmaking_time=1.0,
+                request_timeout=0.5, allreduce_timeout=20.0, compression=COMPRESSION[compression](),
+                part_size_bytes=4096))  # several parts per tensor
+        results = [None, None]
+
+        def run(i: int) -> None:
+            results[i] = averagers[i].step(weight=weights[i], timeout=20.0)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert all(result is not None and len(result) == 2 for result in results), results
+
+        with averagers[0].get_tensors() as first, averagers[1].get_tensors() as other:
+            for index, (a, b) in enumerate(zip(first, other)):
+                assert torch.equal(a, b), f"tensor {index} differs by {(a - b).abs().max().item()}"
+                expected = (inputs[0][index] * weights[0] + inputs[1][index] * weights[1]) / sum(weights)
+                error = (a - expected).abs()
+                if compression == "fp16":
+                    assert error.max().item() < 2e-3, error.max().item()
+                else:  # 8-bit: most values within a few bins, outliers beyond ±3σ clipped
+                    assert error.mean().item() < 0.05 and error.max().item() < 1.5, (error.mean(), error.max())
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        second.shutdown()
+
+
+# --- miners in separate processes ---------------------------------------------------------------------
+DILOCO_FLAGS = [
+    "--neuron.swarm_only", "--training.mode", "diloco", "--model.preset", "tiny", "--model.seq_len", "32",
+    "--neuron.batch_size", "4", "--neuron.target_batch_size", "160", "--neuron.matchmaking_time", "2",
+    "--neuron.averaging_timeout", "30", "--neuron.lr", "3e-3", "--neuron.torch_threads", "1",
+    "--dht.bootstrap_timeout", "120", "--neuron.grad_compression", "fp16",
+]
+
+
+def _epochs(state_dir: Path) -> list[dict]:
+    return read_metrics(state_dir / "metrics.jsonl", "epoch")
+
+
+def _wait_until(predicate, timeout: float, group: ProcessGroup, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        dead = [n for n in group.members.values() if not n.alive and n.process.returncode not in (0, -9)]
+        if dead:
+            raise AssertionError(f"{dead[0].name} died:\n{dead[0].log_tail()}")
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {n.name}\n{n.log_tail(5)}" for n in group.members.values())
+            raise AssertionError(f"timed out waiting for {what}\n{tails}")
+        time.sleep(0.2)  # polling metrics files written by other processes
+
+
+def _start(group: ProcessGroup, tmp_path: Path, name: str, uid: int, run_id: str, extra: list[str],
+           peers: list[str]):
+    args = [*DILOCO_FLAGS, "--neuron.uid", str(uid), "--neuron.run_id", run_id, "--dht.initial_peers",
+            ",".join(peers), *extra]
+    return group.start(name, "miner.py", args, tmp_path / name)
+
+
+def test_miners_train_diloco_together_and_a_late_joiner_loads_the_state(tmp_path):
+    """Two miners start together, a third joins after the first outer step and loads θ_global from them;
+    from then on all three average every round, and all end on the same θ_global (fp16 on the wire)."""
+    run_id = f"t-{uuid.uuid4().hex[:8]}"
+    max_epochs = 4
+    extra = ["--neuron.max_epochs", str(max_epochs)]
+    started = time.monotonic()
+    with ProcessGroup(tmp_path / "logs") as group:
+        peers = group.initial_peers(group.start_dht_node("dht", tmp_path / "dht"))
+        for i in (0, 1):
+            _start(group, tmp_path, f"m{i}", i, run_id, [*extra, "--neuron.wait_for_peers", "2"], peers)
+        _wait_until(lambda: len(_epochs(tmp_path / "m0")) >= 1, 150, group, "the first outer step")
+        _start(group, tmp_path, "m2", 2, run_id, extra, peers)
+        for name in ("m0", "m1", "m2"):
+            assert group.wait(name, timeout=240) == 0, group.members[name].log_tail()
+    print(f"three miners, {max_epochs} outer epochs: {time.monotonic() - started:.0f}s")
+
+    dirs = [tmp_path / f"m{i}" for i in range(3)]
+    first, second, late = (_epochs(d) for d in dirs)
+    assert [e["epoch"] for e in first] == list(range(1, max_epochs + 1)), first
+    assert [e["epoch"] for e in second] == list(range(1, max_epochs + 1)), second
+    assert all(e["group_size"] in (2, 3) for e in first + second), (first, second)
+
+    # the late joiner loaded θ_global, the outer momentum and the epoch from a peer before training
+    start = read_metrics(dirs[2] / "metrics.jsonl", "start")[0]
+    assert start["epoch"] >= 1, start
+    assert late and late[0]["epoch"] > start["epoch"] and late[-1]["epoch"] == max_epochs, late
+    # at least the last two outer steps averaged the pseudo-gradients of all three miners
+    for epochs in (first, second, late):
+        assert [e["group_size"] for e in epochs[-2:]] == [3, 3], epochs
+
+    reference = load_checkpoint(dirs[0])["model"]
+    worst = 0.0
+    for other in dirs[1:]:
+        params = load_checkpoint(other)["model"]
+        for name, tensor in reference.items():
+            worst = max(worst, (tensor - params[name]).abs().max().item())
+    print(f"largest θ_global difference between miners: {worst:g}")
+    assert worst <= 1e-5, f"θ_global differs by {worst}"
+
+    steps = read_metrics(dirs[0] / "metrics.jsonl", "step")
+    mean = lambda rows: sum(r["loss"] for r in rows) / len(rows)  # noqa: E731
+    print(f"loss first 5 steps {mean(steps[:5]):.3f}, last 5 steps {mean(steps[-5:]):.3f}")
+    assert mean(steps[-5:]) < mean(steps[:5]) - 0.5, (mean(steps[:5]), mean(steps[-5:]))
