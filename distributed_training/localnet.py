@@ -36,7 +36,7 @@ TAIL_LINES = 30
 # matchmaking rounds. --axon.port 0: each miner binds a free port and publishes the bound one on chain.
 NEURON_FLAGS = [
     "--axon.port", "0", "--axon.ip", "127.0.0.1", "--model.preset", "tiny", "--model.seq_len", "32",
-    "--neuron.batch_size", "4", "--neuron.target_batch_size", "160", "--neuron.matchmaking_time", "2",
+    "--neuron.batch_size", "4", "--neuron.target_batch_size", "240", "--neuron.matchmaking_time", "4",
     "--neuron.averaging_timeout", "30", "--neuron.lr", "3e-3", "--neuron.torch_threads", "1",
     "--neuron.pages_per_round", "4",
 ]
@@ -169,7 +169,7 @@ def neuron_args(member: Member, args: argparse.Namespace, run_id: str, peers: li
     if member.behaviour == "validator":
         return common + ["--neuron.sample_size", str(len(layout) - 1), "--neuron.round_interval",
                          str(args.round_interval), "--neuron.epoch_length", "10", "--neuron.moving_average_alpha",
-                         "0.3", "--neuron.timeout", "20", "--neuron.max_rounds", str(prior_rounds + args.rounds)]
+                         "0.3", "--neuron.timeout", "30", "--neuron.max_rounds", str(prior_rounds + args.rounds)]
     extra = ["--neuron.behaviour", member.behaviour]
     if member.behaviour == "copycat":
         extra += ["--neuron.copy_uid", str(next(m.uid for m in layout if m.behaviour == "honest"))]

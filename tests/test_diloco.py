@@ -138,6 +138,9 @@ def test_page_losses_evaluate_theta_global_and_state_round_trips(dht) -> None:
         global_model = _model()
         global_model.load_state_dict(state["model"])
 
+        shared = trainer.shared_state()  # what the miner's and the validator's snapshots hold: θ_global
+        assert shared.keys() == state["model"].keys()
+        assert all(torch.equal(shared[name], tensor) for name, tensor in state["model"].items())
         losses = trainer.page_losses(pages)
         assert losses == pytest.approx(page_losses(global_model, pages, CPU), rel=1e-6)
         assert losses != pytest.approx(page_losses(trainer.model, pages, CPU), rel=1e-4)  # not the inner weights

@@ -50,9 +50,10 @@ Rules that keep θ_global identical on every peer:
   (every member sees the same gathered data, so all decide the same) and members behind load state;
 - a non-finite loss or gradient is skipped and counted before the inner step, and a non-finite
   pseudo-gradient is replaced by zeros with weight 0, so nothing non-finite reaches the averaging;
-- checkpoints, `page_losses` and the state served to joiners are θ_global, never the half-trained
-  inner weights; `model` is the local model, equal to θ_global right after every outer step and
-  after `catch_up()` (and always, on a peer that never trains, such as the validator's follower).
+- checkpoints (`state()["model"]`), `shared_state()` (the epoch snapshots miners answer from and
+  validators recompute with), `page_losses` and the state served to joiners are θ_global, never the
+  half-trained inner weights; `model` is the local model, equal to θ_global right after every outer
+  step and after `catch_up()` (and always on a peer that never trains, such as a validator's).
 
 Bytes per round: with P parameters, a group of N peers and b bytes per value on the wire (4 none,
 2 fp16, about 1 uint8), each peer sends its (N−1)/N·P values to their reducers and, as a reducer of
@@ -286,7 +287,7 @@ class DiLoCoTrainer:
                 compression=COMPRESSION[settings.compression](),
                 state_compression=NoCompression(),  # joiners need θ_global exactly
             )
-            self.averager.state_source = self._shared_state
+            self.averager.state_source = self._state_for_peers
             self.averager.run_in_background(await_ready=True)
         except BaseException:
             self.tracker.shutdown(5.0)
@@ -485,7 +486,7 @@ class DiLoCoTrainer:
             return []
         return [self.outer_optimizer.state[param]["momentum_buffer"] for param in self._global_params]
 
-    def _shared_state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    def _state_for_peers(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """What joiners download: θ_global, the outer momentum and the epoch (called on hivemind's thread)."""
         with torch.no_grad(), self._state_lock:
             tensors = [param.detach().clone() for param in self._global_params]
@@ -557,13 +558,18 @@ class DiLoCoTrainer:
         finally:
             self.model.train(was_training)
 
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """A private CPU copy of θ_global: the model every peer holds this epoch (what validators reproduce)."""
+        with self._state_lock:
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.global_model.state_dict().items()}
+
     # -- persistence ----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """θ_global (as "model"), both optimizers and the epoch; what the miner checkpoints."""
         with self._state_lock:
             return {
                 "trainer": "diloco",
-                "model": {k: v.detach().cpu().clone() for k, v in self.global_model.state_dict().items()},
+                "model": self.shared_state(),
                 "optimizer": {"inner": copy.deepcopy(self.inner_optimizer.state_dict()),
                               "outer": copy.deepcopy(self.outer_optimizer.state_dict())},
                 "local_epoch": self._epoch,

@@ -119,6 +119,9 @@ class SwarmTrainer:
             params=self.model.parameters(),
             matchmaking_time=settings.matchmaking_time,
             averaging_timeout=settings.averaging_timeout,
+            # hivemind's default waits only matchmaking_time for each chunk of an all-reduce, so a
+            # briefly starved peer fails the round and drifts out of sync; allow a third of the round.
+            next_chunk_timeout=max(settings.matchmaking_time, settings.averaging_timeout / 3),
             load_state_timeout=settings.load_state_timeout,
             grad_compression=COMPRESSION[settings.compression](),
             state_averaging_compression=COMPRESSION[settings.compression](),
