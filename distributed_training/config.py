@@ -286,6 +286,8 @@ def parse_config(role: str, argv: Optional[Iterable[str]] = None, *, env: Option
             raw, source = environ[flag.env], "environment"
         if raw is None and flag.env in dotenv:
             raw, source = dotenv[flag.env], ".env"
+        if raw is not None and source != "flag" and not str(raw).strip():
+            raw = None  # `VAR=` in a .env or the environment means "not set"
         if raw is None:
             settings.values[flag.name], settings.sources[flag.name] = flag.default, "default"
             continue

@@ -62,13 +62,18 @@ class Miner:
         self.step = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def run(self) -> int:
+    def _handle_stop_signals(self) -> None:
+        """pm2 stops with SIGINT, systemd and the local swarm with SIGTERM: both end the loop cleanly."""
         signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
+
+    def run(self) -> int:
+        self._handle_stop_signals()
         try:
             if self.behaviour == "dead":
                 return self._run_dead()
             self.parts = build_swarm_parts(self.config, self.metrics)
+            self._handle_stop_signals()  # hivemind's averagers set SIGINT to "ignore" in this process
             self.snapshots = ModelSnapshots(self.parts.model, keep=1)
             self._resume()
             self._start_endpoint()

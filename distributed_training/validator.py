@@ -51,11 +51,16 @@ class Validator:
         self.parts = None
         self.follower: Optional[SwarmFollower] = None
 
-    def run(self) -> int:
+    def _handle_stop_signals(self) -> None:
+        """pm2 stops with SIGINT, systemd and the local swarm with SIGTERM: both end the loop cleanly."""
         signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
+
+    def run(self) -> int:
+        self._handle_stop_signals()
         try:
             self.parts = build_swarm_parts(self.config, self.metrics)
+            self._handle_stop_signals()  # hivemind's averagers set SIGINT to "ignore" in this process
             self.follower = SwarmFollower(self.parts.trainer)
             self.client = MinerClient(self.identity.wallet, timeout=self.config.neuron.timeout)
             self.metrics.write("start", uid=self.identity.uid, peer_id=self.parts.peer_id, rounds=self.book.rounds)

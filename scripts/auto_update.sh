@@ -121,6 +121,8 @@ fi
 
 # Commits whose update failed: not retried until the remote moves on (survives the re-exec below).
 FAILED=" ${DT_LAUNCHER_FAILED:-} "
+REEXEC=${DT_LAUNCHER_REEXEC:-}
+unset DT_LAUNCHER_REEXEC DT_LAUNCHER_FAILED # not for the neuron's environment
 
 # -- helpers -------------------------------------------------------------------------------------
 pm2_quiet() { # run pm2, keep its output for the log only when it fails
@@ -187,10 +189,11 @@ rollback() { # $1: the commit to go back to
 
 # One poll: exactly one decision line unless an update is attempted (then one line per step).
 poll() {
-  local upstream remote remote_sha local_sha local_v remote_v dirty out old
-  upstream=$(git rev-parse --abbrev-ref --symbolic-full-name '@{upstream}' 2>/dev/null) || {
-    log "skip: the checked-out branch tracks no remote branch (detached HEAD?); nothing to poll"; return; }
-  remote=${upstream%%/*}
+  local branch upstream remote remote_sha local_sha local_v remote_v dirty out old
+  branch=$(git symbolic-ref --short -q HEAD) &&
+    upstream=$(git rev-parse --abbrev-ref --symbolic-full-name '@{upstream}' 2>/dev/null) &&
+    remote=$(git config "branch.$branch.remote") || {
+      log "skip: the checkout is not on a branch that tracks a remote branch (detached HEAD?); nothing to poll"; return; }
   if ! out=$(timeout 300 git fetch --quiet "$remote" 2>&1); then
     log "skip: git fetch $remote failed; will retry in ${INTERVAL}s"; log_detail "$out" 5; return
   fi
@@ -201,7 +204,13 @@ poll() {
   fi
   semver_gt "$remote_v" "$local_v"
   case $? in
-    1) log "up to date: local $local_v (${local_sha:0:12}), $upstream $remote_v (${remote_sha:0:12})"; return ;;
+    1)
+      if [[ $local_v == "$remote_v" ]]; then
+        log "up to date: local $local_v (${local_sha:0:12}), $upstream $remote_v (${remote_sha:0:12})"
+      else
+        log "no update: $upstream has an older version, $remote_v (${remote_sha:0:12}), than local $local_v (${local_sha:0:12})"
+      fi
+      return ;;
     2) log "skip: cannot compare versions '$remote_v' and '$local_v' (not semantic versions)"; return ;;
   esac
   if [[ $FAILED == *" $remote_sha "* ]]; then
@@ -219,7 +228,17 @@ poll() {
 
   old=$local_sha
   log "updating: $local_v (${old:0:12}) -> $remote_v (${remote_sha:0:12}) from $upstream"
-  if run_step "git merge --ff-only" git merge --ff-only --quiet "$remote_sha" && reinstall && verify "$remote_v"; then
+  if ! run_step "git merge --ff-only" git merge --ff-only --quiet "$remote_sha"; then
+    if [[ $(git rev-parse HEAD) == "$old" ]]; then
+      log "skip: could not fast-forward to $remote_v (see above); nothing was changed; retrying at the next poll"
+      return
+    fi
+    FAILED+="$remote_sha "
+    log "update failed: $remote_v (${remote_sha:0:12}) not deployed; rolling back to ${old:0:12}"
+    rollback "$old"
+    return
+  fi
+  if reinstall && verify "$remote_v"; then
     local before after
     before=$(neuron_pid)
     if pm2_quiet restart "$NEURON_NAME"; then
@@ -235,18 +254,14 @@ poll() {
   fi
   FAILED+="$remote_sha "
   log "update failed: $remote_v (${remote_sha:0:12}) not deployed; rolling back to ${old:0:12}"
-  if [[ $(git rev-parse HEAD) == "$old" ]]; then
-    log "rolled back: nothing to undo, the checkout is still at ${old:0:12}; $NEURON_NAME keeps running (pid $(neuron_pid))"
-  else
-    rollback "$old"
-  fi
+  rollback "$old"
 }
 
 # -- main ----------------------------------------------------------------------------------------
 trap 'log "stopping (signal); $NEURON_NAME keeps running under pm2 (pm2 stop $NEURON_NAME to stop it)"; exit 0' INT TERM
 
 pid=$(neuron_pid)
-if [[ ${DT_LAUNCHER_REEXEC:-} == 1 && -n $pid && $pid != 0 ]]; then
+if [[ $REEXEC == 1 && -n $pid && $pid != 0 ]]; then
   log "launcher restarted after an update; keeping $NEURON_NAME (pid $pid)"
 else
   if [[ -n $pid ]]; then
@@ -255,14 +270,24 @@ else
   fi
   start_neuron || { log "error: could not start $NEURON_NAME"; exit 1; }
 fi
-unset DT_LAUNCHER_REEXEC DT_LAUNCHER_FAILED
 
 if ((INTERVAL == 0)); then
-  log "auto-update off (--update.interval 0); supervising only"
+  log "auto-update off (--update.interval 0); $NEURON_NAME runs under pm2 as it is"
   while true; do sleep 3600 & wait $!; done
 fi
 log "polling every ${INTERVAL}s: version $(version_at HEAD) at $(git rev-parse --short=12 HEAD)"
+# Launchers sharing a checkout (not recommended: see docs/operating-updates.md) never update it at once.
+LOCK_FILE="$(git rev-parse --absolute-git-dir 2>/dev/null || echo "$REPO")/dt-auto-update.lock"
+if command -v flock >/dev/null 2>&1 && exec 9>>"$LOCK_FILE"; then
+  lock() { flock -w 3600 9 || log "warning: could not lock $LOCK_FILE within an hour; polling anyway"; }
+  unlock() { flock -u 9; }
+else
+  lock() { :; }
+  unlock() { :; }
+fi
 while true; do
   sleep "$INTERVAL" & wait $!
+  lock
   poll
+  unlock
 done

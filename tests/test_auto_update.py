@@ -44,6 +44,13 @@ IMPORT_HOOK = ('import os as _os\nif _os.environ.get("DT_TEST_IMPORT_LOG"):\n'
                '    with open(_os.environ["DT_TEST_IMPORT_LOG"], "a") as _f:\n'
                '        _f.write(f"{_os.getpid()} {__version__}\\n")\n')
 
+# The test releases' post_install.py: records that it ran, and for which version (without importing
+# the package, so that a broken release fails at the launcher's import check, not here).
+POST_INSTALL = ('import os, re\n'
+                'version = re.search(r\'__version__ = "([^"]+)"\', open("distributed_training/__init__.py").read())[1]\n'
+                'with open(os.environ["DT_TEST_POST_INSTALL_LOG"], "a") as f:\n'
+                '    f.write(version + "\\n")\n')
+
 
 def _run(cmd, cwd=None, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -126,7 +133,7 @@ class Rig:
                     "PATH": f"{pm2.parent}{os.pathsep}{os.environ.get('PATH', '')}",
                     # keeps the reinstall light and offline: dependencies are already there
                     "PIP_NO_DEPS": "1", "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0",
-                    "PIP_DISABLE_PIP_VERSION_CHECK": "1", "DT_KILL_TIMEOUT_MS": "8000",
+                    "PIP_DISABLE_PIP_VERSION_CHECK": "1", "DT_KILL_TIMEOUT_MS": "3000",
                     "DT_TEST_IMPORT_LOG": str(self.imports), "DT_TEST_POST_INSTALL_LOG": str(self.post_install)}
         for key in ("UPDATE_INTERVAL", "DT_PYTHON", "DT_PM2", "DT_PM2_NAME", "pm_id", "name"):
             self.env.pop(key, None)
@@ -262,9 +269,10 @@ def test_launcher_updates_rolls_back_and_respects_local_changes():
                        "--neuron.behaviour", "stale"]
         rig.pm2_cmd("start", rig.checkout / "run_miner.sh", "--name", NAME, "--",
                     "--update.interval", str(INTERVAL), *miner_flags)
-        procs = _wait("the neuron online under pm2 and started",
-                      lambda: (p := rig.processes()).get(NEURON, {}).get("status") == "online" and rig.starts() >= 1 and p,
-                      120, rig, every=1.0)
+        # The launcher logs "started" once pm2 has the neuron; then one jlist (pm2 calls cost CPU) confirms it.
+        _wait("the launcher starting the neuron", lambda: _log_after(rig, 0, r"started: pm2 process " + NEURON), 120, rig)
+        procs = _wait("the neuron online under pm2", lambda: (p := rig.processes()).get(NEURON, {}).get("status") == "online"
+                      and p, 60, rig, every=2.0)
         first_pid = procs[NEURON]["pid"]
         assert procs[NAME]["status"] == "online"
         launcher_pid = procs[NAME]["pid"]
@@ -280,20 +288,20 @@ def test_launcher_updates_rolls_back_and_respects_local_changes():
         good_sha = rig.release(
             good_version, f"release {good_version}",
             extra=IMPORT_HOOK,
-            files={"post_install.py": 'import os\nwith open(os.environ["DT_TEST_POST_INSTALL_LOG"], "a") as f:\n'
-                                      '    f.write(__import__("distributed_training").__version__ + "\\n")\n'})
+            files={"post_install.py": POST_INSTALL})
         _wait(f"the update to {good_version}", lambda: _log_after(rig, mark, r"^\S+ \[auto-update \S+\] (updated|update failed)"),
               2 * INTERVAL + INSTALL_ALLOWANCE, rig)
         assert _log_after(rig, mark, rf"updated: now at {re.escape(good_version)}"), rig.launcher_log()
         assert rig.head() == good_sha
         procs = _wait("the restarted neuron online", lambda: (p := rig.processes())[NEURON]["status"] == "online"
-                      and p[NEURON]["pid"] != first_pid and p, 60, rig)
+                      and p, 60, rig, every=2.0)
         second_pid = procs[NEURON]["pid"]
-        assert procs[NEURON]["restarts"] >= 1
+        starts_before = rig.starts()  # the first neuron is gone: any later start event is the second one's
+        assert second_pid != first_pid and procs[NEURON]["restarts"] == 1
+        assert _log_after(rig, mark, rf"restarted {NEURON} \(pid {first_pid} -> {second_pid}\)")
         assert procs[NAME]["pid"] == launcher_pid and procs[NAME]["restarts"] == 0  # re-exec'd in place
         # The new neuron process itself loaded the new release's code.
         _wait("the new neuron importing the new release", lambda: (second_pid, good_version) in rig.imported(), 60, rig)
-        _wait("the new neuron running (a second start event)", lambda: rig.starts() >= 2, 90, rig)
         assert rig.post_install.read_text().split() == [good_version]
         timings[f"update {base_version} -> {good_version} (push to neuron restarted)"] = time.monotonic() - t
 
@@ -339,6 +347,14 @@ def test_launcher_updates_rolls_back_and_respects_local_changes():
         assert procs[NEURON]["pid"] == second_pid and procs[NEURON]["restarts"] == 1
         timings["local change -> skipped"] = time.monotonic() - t
 
+        # The neuron restarted on the good release is really running: it got as far as its training loop
+        # (checked this late because a miner takes a while to start on a loaded machine).
+        t = time.monotonic()
+        _wait("the neuron of the good release running (its start event)", lambda: rig.starts() > starts_before, 150, rig, every=1.0)
+        procs = rig.processes()
+        assert procs[NEURON]["pid"] == second_pid and procs[NEURON]["restarts"] == 1
+        timings["waiting for the restarted neuron's start event"] = time.monotonic() - t
+
         # 4. Once the operator reverts the change, the next poll updates to the newest release.
         t = time.monotonic()
         mark = len(rig.launcher_log())
@@ -348,11 +364,15 @@ def test_launcher_updates_rolls_back_and_respects_local_changes():
         assert _log_after(rig, mark, rf"updated: now at {re.escape(fixed_version)} \({fixed_sha[:12]}\)"), rig.launcher_log()
         assert rig.head() == fixed_sha
         procs = _wait("the neuron restarted again", lambda: (p := rig.processes())[NEURON]["status"] == "online"
-                      and p[NEURON]["pid"] != second_pid and p, 60, rig)
+                      and p, 60, rig, every=2.0)
+        assert procs[NEURON]["pid"] != second_pid and procs[NEURON]["restarts"] == 2
         _wait("the neuron importing the fixed release", lambda: (procs[NEURON]["pid"], fixed_version) in rig.imported(), 60, rig)
         timings[f"local change reverted -> updated to {fixed_version}"] = time.monotonic() - t
     finally:
         log = rig.launcher_log()
+        daemon_log = root / "pm2" / "pm2.log"
+        exits = [line for line in daemon_log.read_text(errors="replace").splitlines()
+                 if NEURON in line and ("exited" in line or "Stopping" in line)] if daemon_log.exists() else []
         try:
             if (root / "pm2").exists():
                 rig.pm2_cmd("delete", "all", check=False, timeout=60)
@@ -362,6 +382,7 @@ def test_launcher_updates_rolls_back_and_respects_local_changes():
             shutil.rmtree(root, ignore_errors=True)
         timings["total"] = time.monotonic() - t0
         print("\n--- launcher log ---\n" + log)
+        print("--- pm2 daemon on the neuron ---\n" + "\n".join(exits))
         print("--- timings (s) ---\n" + "\n".join(f"{k}: {v:.1f}" for k, v in timings.items()))
         if leftovers:
             print(f"killed leftover processes: {leftovers}")

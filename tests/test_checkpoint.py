@@ -99,10 +99,6 @@ def test_wrong_format_version_raises_checkpoint_error(tmp_path: Path) -> None:
         load_checkpoint(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="library bug: load_checkpoint calls state.get() on whatever torch.load returned, so a "
-                          "checkpoint.pt that holds a non-dict (e.g. torch.save(model) or a tensor) escapes as "
-                          "AttributeError instead of CheckpointError")
 def test_non_dict_torch_file_raises_checkpoint_error(tmp_path: Path) -> None:
     torch.save(torch.zeros(3), tmp_path / CHECKPOINT_NAME)
     with pytest.raises(CheckpointError):

@@ -13,11 +13,11 @@ import uuid
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.timed_storage import get_dht_time
 
 from distributed_training.training.dht import (
     DHTBootstrapError, DHTSettings, MinerRecord, MinerRecords, start_dht, visible_maddrs,
 )
-from hivemind.utils.timed_storage import get_dht_time
 
 FORGED = dict(peer_id="victim", uid=1, epoch=99, samples_trained=10**9, time=2.0)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hivemind.utils.crypto import RSAPrivateKey
 
 from distributed_training.logs import read_metrics
 from distributed_training.processes import ProcessGroup
@@ -56,6 +57,28 @@ def _trainer(dht, **overrides) -> DiLoCoTrainer:
     return DiLoCoTrainer(_model(), dht, DiLoCoSettings(**settings), CPU)
 
 
+# --- flags ---------------------------------------------------------------------------------------------
+def test_training_flags_parse_and_reject_bad_values(tmp_path) -> None:
+    from distributed_training.config import ConfigError, parse_config
+
+    def parse(argv):
+        return parse_config("miner", argv, env={}, dotenv_path=tmp_path / "absent.env")
+
+    default = parse([])
+    assert default.training.mode == "swarm"
+    assert (default.training.inner_steps, default.training.outer_lr, default.training.outer_momentum) == (100, 0.7, 0.9)
+    config = parse(["--training.mode", "diloco", "--training.inner_steps", "0", "--training.outer_momentum", "0"])
+    assert config.training.mode == "diloco" and config.training.inner_steps == 0
+    assert parse_config("validator", ["--training.mode", "diloco"], env={},
+                        dotenv_path=tmp_path / "absent.env").training.mode == "diloco"
+    for argv, flag in ((["--training.mode", "async"], "--training.mode"),
+                       (["--training.outer_momentum", "1"], "--training.outer_momentum"),
+                       (["--training.outer_lr", "0"], "--training.outer_lr"),
+                       (["--training.inner_steps", "-1"], "--training.inner_steps")):
+        with pytest.raises(ConfigError, match=flag.replace(".", r"\.")):
+            parse(argv)
+
+
 # --- one peer: the outer step's math, skipping, evaluation, state -------------------------------------
 def test_single_peer_rounds_follow_nesterov_on_the_pseudo_gradient(dht) -> None:
     """With no partner a round is the outer step on this peer's own Δ = θ_global − θ_local.
@@ -75,12 +98,18 @@ def test_single_peer_rounds_follow_nesterov_on_the_pseudo_gradient(dht) -> None:
         for round_ in (1, 2):
             for step in range(INNER_STEPS):
                 seed += 1
-                if step == 1:  # a batch with a NaN loss: skipped, counted, not an inner step of the round
-                    hook = trainer.model.lm_head.register_forward_hook(lambda m, a, out: out * float("nan"))
+                if step == 1:  # a NaN loss (round 1), an infinite gradient (round 2): skipped, counted, no step
+                    if round_ == 1:
+                        hook = trainer.model.lm_head.register_forward_hook(lambda m, a, out: out * float("nan"))
+                    else:
+                        hook = trainer.model.transformer.h[1].attn.c_attn.weight.register_hook(
+                            lambda grad: torch.full_like(grad, float("inf")))
                     try:
-                        assert trainer.train_batch(_batch(1000 + seed)).skipped
+                        skipped = trainer.train_batch(_batch(1000 + seed))
                     finally:
                         hook.remove()
+                    assert skipped.skipped and skipped.samples == 0 and not skipped.epoch_changed
+                    assert all(p.grad is None for p in trainer.model.parameters())
                 report = trainer.train_batch(_batch(seed))
                 inner.zero_grad(set_to_none=True)
                 reference(input_ids=_batch(seed), labels=_batch(seed)).loss.backward()
@@ -161,6 +190,67 @@ def test_page_losses_evaluate_theta_global_and_state_round_trips(dht) -> None:
             other.shutdown()
 
 
+# --- two peers in one process: a joiner loads the state, then both average every round --------------
+def test_joiner_loads_state_then_two_peers_average_to_identical_theta(dht) -> None:
+    second = start_dht(DHTSettings(port=0, host_ip="127.0.0.1", initial_peers=[visible_maddrs(dht)[-1]]))
+    run_id = f"diloco-{uuid.uuid4().hex[:8]}"
+    first = _trainer(dht, run_id=run_id, averaging_timeout=30.0)
+    joiner = None
+    try:
+        for seed in range(2 * INNER_STEPS):  # alone: two outer steps on its own pseudo-gradient
+            first.train_batch(_batch(400 + seed))
+        assert first.local_epoch == 2
+
+        # its own signing key: two peers in one process would otherwise overwrite each other's progress record
+        joiner = DiLoCoTrainer(_model(), second, first.settings, CPU, progress_key=RSAPrivateKey())
+        deadline = time.monotonic() + 30
+        while joiner.global_epoch < 2:  # its tracker reads the first peer's progress record
+            assert time.monotonic() < deadline, "the joiner never saw the swarm's epoch"
+            time.sleep(0.2)  # the tracker refreshes from its own thread
+        assert joiner.catch_up() and not joiner.catch_up()
+        assert joiner.local_epoch == 2
+        mine, theirs = first.state(), joiner.state()
+        for name, tensor in mine["model"].items():
+            assert torch.equal(tensor, theirs["model"][name]), name
+        for name, tensor in joiner.model.state_dict().items():
+            assert torch.equal(tensor, mine["model"][name]), name  # the local model starts from θ_global
+        momentum = lambda state: [s["momentum_buffer"] for s in state["optimizer"]["outer"]["state"].values()]  # noqa: E731
+        assert all(torch.equal(a, b) for a, b in zip(momentum(mine), momentum(theirs)))
+        assert any(a.abs().sum() > 0 for a in momentum(mine))
+
+        reports: dict[str, list] = {"first": [], "joiner": []}
+
+        def train(name: str, trainer: DiLoCoTrainer, seed: int) -> None:
+            # normally 2·H steps; more if a round failed on a busy machine and had to be retried
+            for step in range(10 * INNER_STEPS):
+                if trainer.local_epoch >= 4:
+                    return
+                reports[name].append(trainer.train_batch(_batch(seed + step)))
+
+        threads = [threading.Thread(target=train, args=("first", first, 500)),
+                   threading.Thread(target=train, args=("joiner", joiner, 600))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        for name in ("first", "joiner"):
+            rounds = [(r.epoch, r.group_size) for r in reports[name] if r.epoch_changed]
+            print(name, "epoch, group size:", rounds)
+            # every outer step averaged both peers (None: it loaded the other's state after a failed round)
+            assert [epoch for epoch, _ in rounds] == [3, 4] and rounds[0][1] == 2, (name, rounds)
+            assert rounds[1][1] in (2, None), (name, rounds)
+        mine, theirs = first.state(), joiner.state()
+        for name, tensor in mine["model"].items():
+            assert torch.equal(tensor, theirs["model"][name]), f"θ_global differs in {name}"
+        assert all(torch.equal(a, b) for a, b in zip(momentum(mine), momentum(theirs)))
+        assert first.local_epoch == joiner.local_epoch == 4
+    finally:
+        first.shutdown()
+        if joiner is not None:
+            joiner.shutdown()
+        second.shutdown()
+
+
 # --- the all-reduce: every member ends with the same bits, also with lossy compression ----------------
 @pytest.mark.parametrize("compression", ["fp16", "uint8"])
 def test_consensus_all_reduce_gives_every_peer_the_same_weighted_average(dht, compression) -> None:
@@ -174,20 +264,26 @@ def test_consensus_all_reduce_gives_every_peer_the_same_weighted_average(dht, co
     try:
         for node, tensors in zip((dht, second), inputs):
             averagers.append(_PseudoGradientAverager(
-                [t.clone() for t in tensors], node, prefix=prefix, start=True, min_matchmaking_time=1.0,
-                request_timeout=0.5, allreduce_timeout=20.0, compression=COMPRESSION[compression](),
+                [t.clone() for t in tensors], node, prefix=prefix, start=True, min_matchmaking_time=2.0,
+                request_timeout=1.0, allreduce_timeout=20.0, compression=COMPRESSION[compression](),
                 part_size_bytes=4096))  # several parts per tensor
-        results = [None, None]
+        results: list = [None, None]
 
         def run(i: int) -> None:
-            results[i] = averagers[i].step(weight=weights[i], timeout=20.0)
+            try:
+                results[i] = averagers[i].step(weight=weights[i], timeout=20.0)
+            except Exception as exc:  # a failed round leaves the tensors as they were; it is tried again
+                results[i] = exc
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert all(result is not None and len(result) == 2 for result in results), results
+        for attempt in range(3):  # on two busy cores a round can time out
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+            if all(isinstance(result, dict) for result in results):
+                break
+        assert all(isinstance(result, dict) and len(result) == 2 for result in results), results
 
         with averagers[0].get_tensors() as first, averagers[1].get_tensors() as other:
             for index, (a, b) in enumerate(zip(first, other)):
@@ -207,26 +303,14 @@ def test_consensus_all_reduce_gives_every_peer_the_same_weighted_average(dht, co
 # --- miners in separate processes ---------------------------------------------------------------------
 DILOCO_FLAGS = [
     "--neuron.swarm_only", "--training.mode", "diloco", "--model.preset", "tiny", "--model.seq_len", "32",
-    "--neuron.batch_size", "4", "--neuron.target_batch_size", "160", "--neuron.matchmaking_time", "2",
+    "--neuron.batch_size", "4", "--neuron.target_batch_size", "120", "--neuron.matchmaking_time", "2",
     "--neuron.averaging_timeout", "30", "--neuron.lr", "3e-3", "--neuron.torch_threads", "1",
-    "--dht.bootstrap_timeout", "120", "--neuron.grad_compression", "fp16",
+    "--dht.bootstrap_timeout", "120", "--neuron.grad_compression", "fp16", "--wandb.off",
 ]
 
 
 def _epochs(state_dir: Path) -> list[dict]:
     return read_metrics(state_dir / "metrics.jsonl", "epoch")
-
-
-def _wait_until(predicate, timeout: float, group: ProcessGroup, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        dead = [n for n in group.members.values() if not n.alive and n.process.returncode not in (0, -9)]
-        if dead:
-            raise AssertionError(f"{dead[0].name} died:\n{dead[0].log_tail()}")
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {n.name}\n{n.log_tail(5)}" for n in group.members.values())
-            raise AssertionError(f"timed out waiting for {what}\n{tails}")
-        time.sleep(0.2)  # polling metrics files written by other processes
 
 
 def _start(group: ProcessGroup, tmp_path: Path, name: str, uid: int, run_id: str, extra: list[str],
@@ -236,36 +320,29 @@ def _start(group: ProcessGroup, tmp_path: Path, name: str, uid: int, run_id: str
     return group.start(name, "miner.py", args, tmp_path / name)
 
 
-def test_miners_train_diloco_together_and_a_late_joiner_loads_the_state(tmp_path):
-    """Two miners start together, a third joins after the first outer step and loads θ_global from them;
-    from then on all three average every round, and all end on the same θ_global (fp16 on the wire)."""
+def test_three_miners_train_diloco_together_and_end_equal(tmp_path):
+    """Three miner processes: every outer step averages the pseudo-gradients of all three, with fp16 on
+    the wire, and all end on the same θ_global."""
     run_id = f"t-{uuid.uuid4().hex[:8]}"
-    max_epochs = 4
-    extra = ["--neuron.max_epochs", str(max_epochs)]
+    max_epochs = 3
+    extra = ["--neuron.max_epochs", str(max_epochs), "--neuron.wait_for_peers", "3"]
     started = time.monotonic()
     with ProcessGroup(tmp_path / "logs") as group:
         peers = group.initial_peers(group.start_dht_node("dht", tmp_path / "dht"))
-        for i in (0, 1):
-            _start(group, tmp_path, f"m{i}", i, run_id, [*extra, "--neuron.wait_for_peers", "2"], peers)
-        _wait_until(lambda: len(_epochs(tmp_path / "m0")) >= 1, 150, group, "the first outer step")
-        _start(group, tmp_path, "m2", 2, run_id, extra, peers)
+        for i in (0, 1, 2):
+            _start(group, tmp_path, f"m{i}", i, run_id, extra, peers)
         for name in ("m0", "m1", "m2"):
-            assert group.wait(name, timeout=240) == 0, group.members[name].log_tail()
-    print(f"three miners, {max_epochs} outer epochs: {time.monotonic() - started:.0f}s")
+            assert group.wait(name, timeout=300) == 0, group.members[name].log_tail()
+    print(f"\nthree miners, {max_epochs} outer epochs: {time.monotonic() - started:.0f}s")
 
     dirs = [tmp_path / f"m{i}" for i in range(3)]
-    first, second, late = (_epochs(d) for d in dirs)
-    assert [e["epoch"] for e in first] == list(range(1, max_epochs + 1)), first
-    assert [e["epoch"] for e in second] == list(range(1, max_epochs + 1)), second
-    assert all(e["group_size"] in (2, 3) for e in first + second), (first, second)
-
-    # the late joiner loaded θ_global, the outer momentum and the epoch from a peer before training
-    start = read_metrics(dirs[2] / "metrics.jsonl", "start")[0]
-    assert start["epoch"] >= 1, start
-    assert late and late[0]["epoch"] > start["epoch"] and late[-1]["epoch"] == max_epochs, late
-    # at least the last two outer steps averaged the pseudo-gradients of all three miners
-    for epochs in (first, second, late):
-        assert [e["group_size"] for e in epochs[-2:]] == [3, 3], epochs
+    assert "outer step 1: averaged with" in (tmp_path / "logs" / "m0.log").read_text()  # the DiLoCo trainer ran
+    for state_dir in dirs:
+        epochs = _epochs(state_dir)
+        print(state_dir.name, "epoch:group size", [(e["epoch"], e["group_size"]) for e in epochs])
+        assert [e["epoch"] for e in epochs] == list(range(1, max_epochs + 1)), epochs
+        # at least two outer steps averaged all three (the first may start before the slowest miner trains)
+        assert sum(e["group_size"] == 3 for e in epochs) >= 2, epochs
 
     reference = load_checkpoint(dirs[0])["model"]
     worst = 0.0

@@ -207,13 +207,17 @@ def test_corrupt_scores_file_raises_and_is_not_overwritten(tmp_path: Path, conte
     assert [p.name for p in tmp_path.iterdir()] == ["scores.json"]
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="library bug: ScoreBook.load calls payload.get() before checking that the JSON is an "
-                          "object, so a scores file holding a JSON list/string/number escapes as AttributeError "
-                          "instead of ScoreBookError")
 def test_scores_file_with_json_that_is_not_an_object_raises_score_book_error(tmp_path: Path) -> None:
     path = tmp_path / "scores.json"
     path.write_text("[1, 2, 3]")
+    with pytest.raises(ScoreBookError):
+        ScoreBook.load(path, alpha=0.1)
+
+
+@pytest.mark.parametrize("moving_average", ['"0.5"', "NaN", "7.0"])
+def test_scores_file_with_badly_typed_entry_raises_score_book_error(tmp_path: Path, moving_average: str) -> None:
+    path = tmp_path / "scores.json"
+    path.write_text('{"format": 1, "entries": {"1": {"hotkey": "h", "moving_average": %s}}}' % moving_average)
     with pytest.raises(ScoreBookError):
         ScoreBook.load(path, alpha=0.1)
 

@@ -95,13 +95,17 @@ def test_batch_with_nan_loss_is_skipped(trainer: SwarmTrainer) -> None:
     skipped_before = trainer.skipped_batches
     params = _snapshot(trainer.model)
 
+    backward_calls = []
     handle = trainer.model.lm_head.register_forward_hook(lambda module, args, output: output * float("nan"))
+    grad_handle = trainer.model.transformer.wpe.weight.register_hook(lambda grad: backward_calls.append(1))
     try:
         report = trainer.train_batch(_batch(2))
     finally:
         handle.remove()
+        grad_handle.remove()
 
     assert report.skipped and report.loss is None and report.samples == 0 and not report.epoch_changed
+    assert backward_calls == []  # skipped on the loss itself, before any backward pass
     assert trainer.skipped_batches == skipped_before + 1
     assert trainer.samples_trained == samples_before
     assert _samples_accumulated(trainer) == progress_before
@@ -154,7 +158,8 @@ def _reference_step(batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """What one peer's global step must do: ClippedAdamW on the mean gradient of its batches.
 
     hivemind initialises the optimizer's state with one virtual step on zero gradients (which counts
-    as Adam's step 1 and applies weight decay once), so the reference does the same first.
+    as Adam's step 1 and applies weight decay once) on its own copy of the weights, while the model
+    that computes the gradients keeps the initial ones; the reference does the same.
     """
     model = _model()
     params = list(model.parameters())
@@ -208,7 +213,8 @@ def test_single_peer_epoch_applies_the_step_and_ignores_skipped_batches(dht) -> 
         expected = _reference_step([x1, x2])
         for name, tensor in after.items():
             assert torch.isfinite(tensor).all(), name
-            torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6,
+                                       msg=lambda message, name=name: f"{name}: {message}")
     finally:
         trainer.shutdown()
 

@@ -51,6 +51,8 @@ def load_checkpoint(directory: Path, expect: Optional[dict[str, Any]] = None) ->
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}); move it aside to start fresh") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint; move it aside to start fresh")
     if state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format {state.get('format')}, expected {FORMAT_VERSION}; move it aside")
     for key, value in (expect or {}).items():

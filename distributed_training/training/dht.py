@@ -100,8 +100,8 @@ def start_dht(settings: DHTSettings, record_validators: Sequence = ()) -> hivemi
     raise DHTBootstrapError(
         f"could not join the DHT after {len(errors)} attempts; tried {tried} from port {settings.port}. "
         f"Last error: {errors[-1] if errors else 'unknown'}. Usual causes: the peer's --dht.port is closed by a "
-        "firewall, it announced a wrong --dht.announce_ip, the peer id in the multiaddr is stale (the peer "
-        "restarted), or the peer runs another --neuron.run_id."
+        "firewall, it announced a wrong --dht.announce_ip, or the peer id in the multiaddr is stale (the peer "
+        "restarted with a new identity)."
     )
 
 

@@ -86,6 +86,7 @@ from hivemind.compression import CompressionInfo, NoCompression, deserialize_tor
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
+from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from .progress import read_peer_progress
@@ -245,7 +246,10 @@ class _PseudoGradientAverager(DecentralizedAverager):
 class DiLoCoTrainer:
     """One peer's side of DiLoCo training; the same interface as `SwarmTrainer`."""
 
-    def __init__(self, model: torch.nn.Module, dht: hivemind.DHT, settings: DiLoCoSettings, device: torch.device):
+    def __init__(self, model: torch.nn.Module, dht: hivemind.DHT, settings: DiLoCoSettings, device: torch.device,
+                 progress_key: Optional[RSAPrivateKey] = None):
+        """`progress_key` signs this peer's progress records (default: the process-wide key, as hivemind
+        does); only several peers in one process, as in tests, need keys of their own."""
         if settings.compression not in COMPRESSION:
             raise ValueError(f"unknown gradient compression {settings.compression!r}; use {', '.join(COMPRESSION)}")
         if settings.inner_steps < 0 or not settings.outer_lr > 0 or not 0 <= settings.outer_momentum < 1:
@@ -258,7 +262,7 @@ class DiLoCoTrainer:
         self._global_params = [param for _, param in self.global_model.named_parameters()]
         self.samples_trained = 0
         self.skipped_batches = 0
-        self.discarded_rounds = 0  # rounds with partners that failed or were thrown away
+        self.discarded_rounds = 0  # rounds that failed, were thrown away, or had a non-finite own Δ
         self.last_group_size: Optional[int] = None
         self._epoch = 0
         self._round_samples = 0
@@ -276,7 +280,7 @@ class DiLoCoTrainer:
                 self.outer_optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
 
         self.tracker = ProgressTracker(dht=dht, prefix=settings.run_id, target_batch_size=settings.target_batch_size,
-                                       start=True)
+                                       private_key=progress_key, start=True)
         try:
             self.averager = _PseudoGradientAverager(
                 [torch.zeros_like(param) for param in self._global_params], dht,
@@ -284,6 +288,9 @@ class DiLoCoTrainer:
                 min_matchmaking_time=settings.matchmaking_time,
                 request_timeout=min(3.0, settings.matchmaking_time / 2),
                 allreduce_timeout=settings.averaging_timeout,
+                # per-chunk patience in the all-reduce and in state downloads (hivemind's default, the
+                # request timeout, is too short for a busy peer to start streaming θ_global)
+                next_chunk_timeout=max(5.0, settings.averaging_timeout / 3),
                 compression=COMPRESSION[settings.compression](),
                 state_compression=NoCompression(),  # joiners need θ_global exactly
             )
@@ -368,11 +375,16 @@ class DiLoCoTrainer:
 
     # -- the outer round ------------------------------------------------------------------------
     def _partners(self) -> int:
-        """Other peers training at this peer's epoch or later, read from the DHT now (not the tracker's cache)."""
+        """Other peers training at this peer's epoch or later.
+
+        Read from the DHT now, since the tracker's cache may predate a peer that just joined; the
+        cache still counts, so that a failed read never makes this peer step alone (and fork θ_global).
+        """
         me = self.dht.peer_id.to_base58()
         progress = read_peer_progress(self.dht, self.settings.run_id)
-        return sum(1 for peer, record in progress.items()
-                   if peer != me and not record.client_mode and record.epoch >= self._epoch)
+        fresh = sum(1 for peer, record in progress.items()
+                    if peer != me and not record.client_mode and record.epoch >= self._epoch)
+        return max(fresh, self.tracker.global_progress.num_peers - 1)
 
     def _outer_round(self) -> Optional[int]:
         """Average Δ with the peers of this epoch and take the outer step; the group size, or None if no step."""
@@ -388,7 +400,7 @@ class DiLoCoTrainer:
                     buffer.zero_()
         if not finite:
             logger.warning("non-finite pseudo-gradient at epoch %d: contributing zeros with weight 0", epoch)
-            self.skipped_batches += 1
+            self.discarded_rounds += 1
             weight = 0.0
             self._reset_local_model()
 

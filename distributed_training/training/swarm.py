@@ -58,6 +58,10 @@ class _GroupRecordingOptimizer(hivemind.Optimizer):
 
     last_group_size: Optional[int] = None
 
+    def _update_global_epoch(self, grad_scaler):
+        self.last_group_size = 1  # alone unless the all-reduce below records a group
+        super()._update_global_epoch(grad_scaler)
+
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         size = 1

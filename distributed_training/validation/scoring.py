@@ -83,9 +83,16 @@ class ScoreBook:
             return cls(alpha=alpha)
         try:
             payload = json.loads(path.read_text())
+            if not isinstance(payload, dict):
+                raise ValueError(f"a JSON {type(payload).__name__}, not an object")
             if payload.get("format") != FORMAT_VERSION:
                 raise ValueError(f"format {payload.get('format')}")
             entries = {int(uid): UidScore(**entry) for uid, entry in payload["entries"].items()}
+            for uid, entry in entries.items():
+                average = entry.moving_average
+                if (not isinstance(entry.hotkey, str) or isinstance(average, bool)
+                        or not isinstance(average, (int, float)) or not 0.0 <= average <= 1.0):
+                    raise ValueError(f"uid {uid} has hotkey {entry.hotkey!r}, moving_average {average!r}")
         except (ValueError, KeyError, TypeError) as exc:
             raise ScoreBookError(f"{path} is not a readable score book ({exc}); move it aside to start from zero") from None
         return cls(alpha=alpha, entries=entries, rounds=int(payload.get("rounds", 0)),
