@@ -45,7 +45,7 @@ setup(
             "dt-assets=distributed_training.assets:main",
             "dt-local-swarm=distributed_training.localnet:main",
             "dt-dht=distributed_training.dht_node:main",
-            "dt-monitor=distributed_training.monitor:main",
+            "dt-monitor=distributed_training.monitor:run",
             "dt-check-compute=distributed_training.compute:main",
         ]
     },

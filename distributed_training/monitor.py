@@ -60,5 +60,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         dht.shutdown()
 
 
+
+def run() -> None:
+    """Console entry: hivemind's DHT can take many seconds to wind down; the output is already flushed."""
+    import os
+
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

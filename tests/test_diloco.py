@@ -1,6 +1,10 @@
-"""DiLoCo training (`--training.mode diloco`): the outer step's math in one process, the all-reduce that
-leaves every peer with the same bits, and miner processes on 127.0.0.1 training together through
-hivemind's real DHT, averaging and state loading."""
+"""DiLoCo training (`--training.mode diloco`).
+
+In one process: the flags; the outer Nesterov step checked against a hand computation; skipped batches;
+evaluation and checkpoints of θ_global; a joiner loading θ_global, momentum and epoch from a peer, then
+both averaging to identical bits; the all-reduce giving every member the same bits under fp16 and 8-bit
+compression. In separate processes: three miners on 127.0.0.1 training together through hivemind's real
+DHT and averaging, ending on the same θ_global."""
 
 from __future__ import annotations
 
@@ -264,7 +268,7 @@ def test_consensus_all_reduce_gives_every_peer_the_same_weighted_average(dht, co
     try:
         for node, tensors in zip((dht, second), inputs):
             averagers.append(_PseudoGradientAverager(
-                [t.clone() for t in tensors], node, prefix=prefix, start=True, min_matchmaking_time=2.0,
+                [torch.zeros_like(t) for t in tensors], node, prefix=prefix, start=True, min_matchmaking_time=2.0,
                 request_timeout=1.0, allreduce_timeout=20.0, compression=COMPRESSION[compression](),
                 part_size_bytes=4096))  # several parts per tensor
         results: list = [None, None]
@@ -276,6 +280,10 @@ def test_consensus_all_reduce_gives_every_peer_the_same_weighted_average(dht, co
                 results[i] = exc
 
         for attempt in range(3):  # on two busy cores a round can time out
+            for averager, tensors in zip(averagers, inputs):
+                with averager.get_tensors() as buffers:
+                    for buffer, tensor in zip(buffers, tensors):
+                        buffer.copy_(tensor)
             threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
             for thread in threads:
                 thread.start()

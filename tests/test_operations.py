@@ -57,10 +57,13 @@ def test_miners_without_wandb_key_train_and_monitor_shows_the_swarm(tmp_path):
             assert time.monotonic() < deadline, "miners did not start training"
             time.sleep(0.5)  # polling metrics written by other processes
 
-        monitor = subprocess.run(
-            [sys.executable, "-m", "distributed_training.monitor", "--dht.initial_peers", peers[0],
-             "--neuron.run_id", run_id, "--count", "3", "--interval", "1", "--peers"],
-            capture_output=True, text=True, timeout=120)
+        try:
+            monitor = subprocess.run(
+                [sys.executable, "-m", "distributed_training.monitor", "--dht.initial_peers", peers[0],
+                 "--neuron.run_id", run_id, "--count", "3", "--interval", "1", "--peers"],
+                capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"dt-monitor did not finish: {exc.stdout!r} {exc.stderr!r}") from None
         assert monitor.returncode == 0, monitor.stderr
         lines = [line for line in monitor.stdout.splitlines() if " peers " in line]
         assert lines, monitor.stdout

@@ -358,7 +358,8 @@ class DiLoCoTrainer:
                             self._epoch)
                 self._load_state_from_peers()
         elif self._round_due():
-            group_size = self._outer_round()
+            with self.tracker.performance_ema.pause():  # the round's wait is not training speed (ETA estimates)
+                group_size = self._outer_round()
         changed = self.local_epoch != epoch_before
         return StepReport(loss=float(loss.item()), samples=samples, skipped=False, epoch=self.local_epoch,
                           epoch_changed=changed, group_size=group_size if changed else None)
