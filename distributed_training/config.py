@@ -184,7 +184,7 @@ def _common_flags() -> list[Flag]:
              "train in the swarm without a chain or an endpoint (connectivity checks, benchmarks)",
              is_switch=True, roles=("miner",)),
         Flag("neuron.uid", _non_negative_int, None, "uid whose pages to train on when not reading it from the chain"),
-        Flag("neuron.pages_per_round", _positive_int, 8, "pages a uid is assigned per round"),
+        Flag("neuron.pages_per_round", _positive_int, 16, "pages a uid is assigned per round"),
         Flag("model.preset", str, "tiny", "model size", choices=MODEL_PRESETS),
         Flag("model.seq_len", _positive_int, None, "tokens per sequence (default: the preset's)"),
         Flag("data.source", str, "local", "local: the shipped corpus offline; hf: a Hugging Face dataset",

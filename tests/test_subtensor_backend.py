@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import socket
-from pathlib import Path
 from typing import Any, Optional
 
 import bittensor as bt

@@ -6,7 +6,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 import torch
 
 from distributed_training.logs import read_metrics

@@ -76,7 +76,6 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import hivemind
-import numpy as np
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
@@ -84,7 +83,7 @@ from hivemind.averaging.control import AveragingStage
 from hivemind.averaging.partition import BannedException
 from hivemind.compression import CompressionInfo, NoCompression, deserialize_torch_tensor
 from hivemind.optim.progress_tracker import ProgressTracker
-from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
@@ -107,20 +106,8 @@ class DiLoCoSettings(SwarmSettings):
 
 
 # --- the all-reduce ------------------------------------------------------------------------------------
-def _deserialize(serialized) -> torch.Tensor:
-    """hivemind's `deserialize_torch_tensor`, with 8-bit codebooks read the way numpy 2 allows.
-
-    hivemind 1.1.12's `Quantization.extract` calls `int()` on a one-element array, which numpy 2 refuses,
-    so every 8-bit part fails to decode there (and its stock all-reduce then keeps local values).
-    """
-    if serialized.compression not in (runtime_pb2.UNIFORM_8BIT, runtime_pb2.QUANTILE_8BIT):
-        return deserialize_torch_tensor(serialized)
-    buffer = serialized.buffer
-    codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
-    codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=np.float32)
-    indices = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=np.uint8)
-    indices = torch.as_tensor(indices, dtype=torch.int64).reshape(tuple(serialized.size))
-    return torch.as_tensor(codebook).to(dtype=getattr(torch, serialized.dtype))[indices]
+# 8-bit parts decode correctly once `compression.fix_8bit_decoding` is applied (swarm.py does it on import).
+_deserialize = deserialize_torch_tensor
 
 
 class _ConsensusAllReduceRunner(AllReduceRunner):

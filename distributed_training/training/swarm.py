@@ -24,6 +24,10 @@ import hivemind
 import torch
 from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
 
+from .compression import fix_8bit_decoding
+
+fix_8bit_decoding()
+
 logger = logging.getLogger(__name__)
 
 COMPRESSION = {"none": NoCompression, "fp16": Float16Compression, "uint8": Uniform8BitQuantization}
