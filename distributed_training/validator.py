@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import threading
 import time
 from types import SimpleNamespace
 from typing import Optional
 
 from .config import state_dir
+from .entry import install_stop_handlers
 from .logs import MetricsLog
 from .neuron_setup import build_swarm_parts, open_identity
 from .protocol import WORK_PATH, WorkRequest, WorkResponse, response_mismatch
@@ -51,16 +51,11 @@ class Validator:
         self.parts = None
         self.follower: Optional[SwarmFollower] = None
 
-    def _handle_stop_signals(self) -> None:
-        """pm2 stops with SIGINT, systemd and the local swarm with SIGTERM: both end the loop cleanly."""
-        signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
-
     def run(self) -> int:
-        self._handle_stop_signals()
+        install_stop_handlers(self.stop_event)
         try:
             self.parts = build_swarm_parts(self.config, self.metrics)
-            self._handle_stop_signals()  # hivemind's averagers set SIGINT to "ignore" in this process
+            install_stop_handlers(self.stop_event)  # hivemind's averagers set SIGINT to "ignore" in this process
             self.follower = SwarmFollower(self.parts.trainer)
             self.client = MinerClient(self.identity.wallet, timeout=self.config.neuron.timeout)
             self.metrics.write("start", uid=self.identity.uid, peer_id=self.parts.peer_id, rounds=self.book.rounds)

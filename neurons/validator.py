@@ -1,31 +1,19 @@
-"""Validator entry point: parse flags, then hand over to distributed_training.validator.Validator."""
+"""Validator entry point: flags, then distributed_training.validator.Validator."""
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    from distributed_training.logs import quiet_hivemind, setup_logging
+    from distributed_training.entry import run_neuron
 
-    quiet_hivemind(debug="--logging.debug" in argv)
-    from distributed_training.config import parse_or_exit
+    def make(config):
+        from distributed_training.validator import Validator
 
-    config = parse_or_exit("validator", argv)
-    setup_logging(config.logging.debug, config.logging.dir, name="validator")
-    from distributed_training.neuron_errors import run_reporting_errors
-    from distributed_training.validator import Validator
+        return Validator(config)
 
-    code = run_reporting_errors("validator", lambda: Validator(config).run())
-    # The neuron has already shut its swarm down in order; hivemind can leave background threads
-    # and averager processes that take a minute to notice, so leave without waiting for them.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    return run_neuron("validator", make, argv)
 
 
 if __name__ == "__main__":

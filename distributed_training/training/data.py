@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from distributed_training.assets import require_assets
+from distributed_training.files import sha256_file
 from distributed_training.training.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
@@ -94,14 +95,6 @@ def _json_digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --- local corpus -----------------------------------------------------------
 # Chunks end right after a lone "\n" that sits between two non-space chars. GPT-2's
 # pre-tokenizer always emits such a "\n" as its own pre-token, so encoding chunks
@@ -144,7 +137,7 @@ class LocalCorpusSource:
         self._tokenizer = tokenizer
         self._seq_len = seq_len
         self._page_size = page_size
-        corpus_sha = _sha256_file(paths.corpus_path)
+        corpus_sha = sha256_file(paths.corpus_path)
         self._tokens = self._load_or_build(paths.root / "cache", paths.corpus_path, corpus_sha)
         n_seq = len(self._tokens) // seq_len
         self._split = _Split(n_seq // page_size)
@@ -346,7 +339,7 @@ class HFDatasetSource:
     def digest(self) -> str:
         if self._digest is None:
             # Local files are identified by content, not path, so machines agree.
-            files = [_sha256_file(Path(f)) for f in self._files]
+            files = [sha256_file(Path(f)) for f in self._files]
             ident = {"dataset": self._dataset_name, "config": self._config} if not files else {"files": files}
             self._digest = _json_digest(
                 {"source": "hf", **ident, "split": self._split_name, "text_field": self._text_field,

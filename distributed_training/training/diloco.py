@@ -66,7 +66,6 @@ but its epoch is one optimizer step; here it is H inner steps.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import logging
 import math
@@ -89,7 +88,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from .progress import read_peer_progress
-from .swarm import COMPRESSION, ClippedAdamW, StepReport, SwarmSettings, page_losses
+from .swarm import COMPRESSION, ClippedAdamW, StepReport, SwarmSettings, loss_and_gradients, page_losses
 
 logger = logging.getLogger(__name__)
 
@@ -312,23 +311,12 @@ class DiLoCoTrainer:
         logger.info("behind the swarm (epoch %d < %d): loading state from peers", self.local_epoch, self.global_epoch)
         return self._load_state_from_peers()
 
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def train_batch(self, inputs: torch.Tensor) -> StepReport:
         """One inner step on `inputs` [batch, seq_len]; may end the round with an outer step (a global epoch)."""
-        self.model.train()
-        inputs = inputs.to(self.device)
         epoch_before = self.local_epoch
-        with self._autocast():
-            loss = self.model(input_ids=inputs, labels=inputs).loss
-        if not torch.isfinite(loss):
-            return self._skip(f"non-finite loss {loss.item()}", epoch_before)
-        loss.backward()
-        if not all(torch.isfinite(p.grad).all() for p in self._local_params if p.grad is not None):
-            return self._skip("non-finite gradient", epoch_before)
+        loss, problem = loss_and_gradients(self.model, inputs, self.device)
+        if problem:
+            return self._skip(problem, epoch_before)
         self.inner_optimizer.step()
         self.inner_optimizer.zero_grad(set_to_none=True)
         samples = int(inputs.shape[0])

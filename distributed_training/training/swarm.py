@@ -165,23 +165,12 @@ class SwarmTrainer:
         self.optimizer.load_state_from_peers()
         return True
 
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def train_batch(self, inputs: torch.Tensor) -> StepReport:
         """One local step on `inputs` [batch, seq_len]; may trigger a global epoch."""
-        self.model.train()
-        inputs = inputs.to(self.device)
         epoch_before = self.local_epoch
-        with self._autocast():
-            loss = self.model(input_ids=inputs, labels=inputs).loss
-        if not torch.isfinite(loss):
-            return self._skip(f"non-finite loss {loss.item()}", epoch_before)
-        loss.backward()
-        if not all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None):
-            return self._skip("non-finite gradient", epoch_before)
+        loss, problem = loss_and_gradients(self.model, inputs, self.device)
+        if problem:
+            return self._skip(problem, epoch_before)
         samples = int(inputs.shape[0])
         self.optimizer.step(batch_size=samples)
         self.optimizer.zero_grad(set_to_none=True)
@@ -226,6 +215,31 @@ class SwarmTrainer:
 
     def shutdown(self) -> None:
         self.optimizer.shutdown()
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def loss_and_gradients(model: torch.nn.Module, inputs: torch.Tensor,
+                       device: torch.device) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """Forward and backward on one batch: (loss, None), or (None, why) if the loss or a gradient is not finite.
+
+    Checked here, before anything reaches an optimizer, so a bad batch never touches the swarm.
+    """
+    model.train()
+    inputs = inputs.to(device)
+    with autocast(device):
+        loss = model(input_ids=inputs, labels=inputs).loss
+    if not torch.isfinite(loss):
+        return None, f"non-finite loss {loss.item()}"
+    loss.backward()
+    if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
+        return None, "non-finite gradient"
+    return loss, None
 
 
 @torch.no_grad()
