@@ -33,13 +33,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from .training.dht import DHTBootstrapError, DHTSettings, start_dht
-    from .training.progress import read_peer_progress, summarize
+    from .training.progress import read_peer_progress, register_progress_validators, summarize
 
     try:
         dht = start_dht(DHTSettings(initial_peers=[p for p in args.initial_peers.split(",") if p], client_mode=True))
     except DHTBootstrapError as exc:
         print(f"dt-monitor: error: {exc}", file=sys.stderr)
         return 2
+    register_progress_validators(dht, args.run_id)
     try:
         shown = 0
         while True:

@@ -50,7 +50,7 @@ class ProcessGroup:
     members: dict[str, Neuron] = field(default_factory=dict)
 
     def start(self, name: str, script: str, args: Sequence[str], state_dir: Path,
-              env: Optional[dict[str, str]] = None) -> Neuron:
+              env: Optional[dict[str, Optional[str]]] = None) -> Neuron:
         """Start `neurons/<script>` with `args`, its state in `state_dir`."""
         command = [sys.executable, str(REPO_ROOT / "neurons" / script), *args, "--neuron.state_dir", str(state_dir)]
         return self._spawn(name, command, state_dir, env)
@@ -60,10 +60,12 @@ class ProcessGroup:
         command = [sys.executable, "-m", "distributed_training.dht_node", "--peer-file", str(Path(state_dir) / "dht.json")]
         return self._spawn(name, command, state_dir, None)
 
-    def _spawn(self, name: str, command: list[str], state_dir: Path, env: Optional[dict[str, str]]) -> Neuron:
+    def _spawn(self, name: str, command: list[str], state_dir: Path, env: Optional[dict[str, Optional[str]]]) -> Neuron:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # A None value removes the variable (e.g. to run a neuron as if no API key were set).
+        full_env = {key: value for key, value in {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}.items()
+                    if value is not None}
         with open(log_path, "ab") as log:
             # Each process runs in its own state dir, so a `.env` in the caller's directory does not leak in.
             Path(state_dir).mkdir(parents=True, exist_ok=True)

@@ -41,10 +41,11 @@ def test_post_install_repairs_then_reports_no_changes():
 
 def test_miners_without_wandb_key_train_and_monitor_shows_the_swarm(tmp_path):
     run_id = f"ops-{uuid.uuid4().hex[:8]}"
-    env = {"WANDB_API_KEY": "", "WANDB_MODE": "", "WANDB_BASE_URL": "http://127.0.0.1:9"}  # nothing to reach
+    # No key, no mode: the miner must pick offline itself; any upload attempt would hit a closed port.
+    env = {"WANDB_API_KEY": None, "WANDB_MODE": None, "WANDB_BASE_URL": "http://127.0.0.1:9"}
     flags = ["--neuron.swarm_only", "--model.preset", "tiny", "--model.seq_len", "32", "--neuron.batch_size", "4",
              "--neuron.target_batch_size", "100000", "--neuron.torch_threads", "1", "--neuron.run_id", run_id,
-             "--neuron.max_steps", "400"]
+             "--neuron.max_steps", "1000000"]
     with ProcessGroup(tmp_path / "logs") as group:
         peers = group.initial_peers(group.start_dht_node("dht", tmp_path / "dht"))
         for i in range(2):

@@ -34,6 +34,19 @@ class SwarmProgress:
         return len(self.peers)
 
 
+def register_progress_validators(dht: hivemind.DHT, run_id: str) -> None:
+    """Let a DHT that runs no optimizer read the signed progress records.
+
+    The records carry a signature suffix that only the signature validator strips; a node without
+    it cannot even decode them. Peers with a hivemind.Optimizer have these already.
+    """
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.schema import SchemaValidator
+    from hivemind.optim.progress_tracker import TrainingProgressSchema
+
+    dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=run_id), RSASignatureValidator()])
+
+
 def read_peer_progress(dht: hivemind.DHT, run_id: str) -> dict[str, PeerProgress]:
     """Every live, well-formed progress record, by peer id."""
     found = dht.get(f"{run_id}_progress", latest=True)
