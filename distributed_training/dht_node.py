@@ -9,7 +9,6 @@ first so that every neuron joins as an equal.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
@@ -28,8 +27,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--peer-file", default=None, help="write {peer_id, maddrs} here once the node is up")
     args = parser.parse_args(argv)
 
-    from .files import atomic_write_bytes
-    from .training.dht import DHTBootstrapError, DHTSettings, start_dht, visible_maddrs
+    from .training.dht import DHTBootstrapError, DHTSettings, start_dht, visible_maddrs, write_peer_file
 
     try:
         dht = start_dht(DHTSettings(port=args.port, announce_ip=args.announce_ip,
@@ -37,9 +35,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except DHTBootstrapError as exc:
         print(f"dt-dht: error: {exc}", file=sys.stderr)
         return 2
-    maddrs = visible_maddrs(dht)
-    if args.peer_file:
-        atomic_write_bytes(Path(args.peer_file), json.dumps({"peer_id": str(dht.peer_id), "maddrs": maddrs}).encode())
+    maddrs = write_peer_file(Path(args.peer_file), dht) if args.peer_file else visible_maddrs(dht)
     print("DHT node up; join with --dht.initial_peers " + ",".join(maddrs), flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -12,9 +12,8 @@ import logging
 import socket
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -241,15 +240,3 @@ def _unused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def write_peer_file(path: Path, maddrs: list[str], peer_id: str) -> None:
-    """Where a started miner says how to reach its DHT; written atomically for readers polling it."""
-    import json
-
-    from .files import atomic_write_bytes
-
-    atomic_write_bytes(path, json.dumps({"peer_id": peer_id, "maddrs": maddrs}).encode())
-
-
-PeerFileWriter = Callable[[Path, list[str], str], None]

@@ -63,8 +63,7 @@ def build_data(config: SimpleNamespace):
 
 
 def build_swarm_parts(config: SimpleNamespace, metrics: Optional[MetricsLog] = None) -> SwarmParts:
-    from .miner import write_peer_file
-    from .training.dht import DHTSettings, MinerRecords, start_dht, visible_maddrs
+    from .training.dht import DHTSettings, MinerRecords, start_dht, write_peer_file
     from .training.presets import build_model, count_parameters
     from .training.swarm import SwarmSettings, SwarmTrainer, pick_device
 
@@ -76,8 +75,7 @@ def build_swarm_parts(config: SimpleNamespace, metrics: Optional[MetricsLog] = N
                                 attempts=config.dht.bootstrap_attempts, timeout=config.dht.bootstrap_timeout))
     try:
         peer_id = str(dht.peer_id)
-        maddrs = visible_maddrs(dht)
-        write_peer_file(state_dir(config) / "dht.json", maddrs, peer_id)
+        maddrs = write_peer_file(state_dir(config) / "dht.json", dht)
         logger.info("DHT up as %s; other peers can join with --dht.initial_peers %s", peer_id, maddrs[0])
         device = pick_device(config.neuron.device)
         model = build_model(preset, tokenizer.vocab_size, seq_len, seed=config.neuron.seed)

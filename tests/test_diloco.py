@@ -40,18 +40,6 @@ def _batch(seed: int, rows: int = BATCH) -> torch.Tensor:
     return torch.randint(0, VOCAB, (rows, SEQ_LEN), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module")
-def dht():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same float sums in the trainer and the reference; kind to 2 cores
-    node = start_dht(DHTSettings(port=0, host_ip="127.0.0.1"))
-    try:
-        yield node
-    finally:
-        node.shutdown()
-        torch.set_num_threads(threads)
-
-
 def _trainer(dht, **overrides) -> DiLoCoTrainer:
     settings = dict(run_id=f"diloco-{uuid.uuid4().hex[:8]}", batch_size=BATCH, target_batch_size=100_000,
                     matchmaking_time=1.0, averaging_timeout=10.0, lr=LR, weight_decay=WEIGHT_DECAY,

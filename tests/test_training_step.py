@@ -13,7 +13,6 @@ import pytest
 import torch
 from hivemind.optim.state_averager import initialize_optimizer_state_
 
-from distributed_training.training.dht import DHTSettings, start_dht
 from distributed_training.training.presets import build_model, get_preset
 from distributed_training.training.swarm import ClippedAdamW, SwarmSettings, SwarmTrainer, page_losses
 
@@ -41,18 +40,6 @@ def _assert_params_equal(model: torch.nn.Module, snapshot: dict[str, torch.Tenso
 
 def _samples_accumulated(trainer: SwarmTrainer) -> int:
     return trainer.optimizer.tracker.local_progress.samples_accumulated
-
-
-@pytest.fixture(scope="module")
-def dht():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same float sums in the trainer and the reference; kind to 2 cores
-    node = start_dht(DHTSettings(port=0, host_ip="127.0.0.1"))
-    try:
-        yield node
-    finally:
-        node.shutdown()
-        torch.set_num_threads(threads)
 
 
 def _trainer(dht, target_batch_size: int) -> SwarmTrainer:

@@ -11,9 +11,11 @@ another's record, and a schema rejects malformed values before they are stored.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import hivemind
@@ -21,6 +23,8 @@ import pydantic.v1 as pydantic
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.utils.timed_storage import get_dht_time
+
+from ..files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +129,13 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     """Addresses other peers can pass as --dht.initial_peers (loopback last, it only works locally)."""
     addrs = [str(addr) for addr in dht.get_visible_maddrs()]
     return sorted(addrs, key=lambda addr: ("/127.0.0.1/" in addr, addr))
+
+
+def write_peer_file(path: Path, dht: hivemind.DHT) -> list[str]:
+    """Say where this DHT can be joined, in a file other processes poll (written atomically)."""
+    maddrs = visible_maddrs(dht)
+    atomic_write_bytes(Path(path), json.dumps({"peer_id": str(dht.peer_id), "maddrs": maddrs}).encode())
+    return maddrs
 
 
 class MinerRecord(pydantic.BaseModel):
