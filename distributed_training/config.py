@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -56,8 +57,8 @@ def _port(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise ValueError("must be a positive number")
+    if not 0 < value < math.inf:
+        raise ValueError("must be a positive, finite number")
     return value
 
 
@@ -70,8 +71,8 @@ def _fraction(text: str) -> float:
 
 def _non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise ValueError("must be zero or a positive number")
+    if not 0 <= value < math.inf:
+        raise ValueError("must be zero or a positive, finite number")
     return value
 
 

@@ -24,11 +24,13 @@ def _operator_errors() -> tuple[type[BaseException], ...]:
     from .training.checkpoint import CheckpointError
     from .training.data import DataSourceError
     from .training.dht import DHTBootstrapError
+    from .training.swarm import DeviceError
     from .training.tokenizer import TokenizerError
     from .transport import PortInUseError
+    from .validation.scoring import ScoreBookError
 
     return (AssetsError, ChainError, ConfigError, WalletError, NotRegisteredError, CheckpointError,
-            DataSourceError, DHTBootstrapError, TokenizerError, PortInUseError)
+            DataSourceError, DHTBootstrapError, TokenizerError, PortInUseError, DeviceError, ScoreBookError)
 
 
 def run_reporting_errors(role: str, run: Callable[[], int]) -> int:

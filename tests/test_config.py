@@ -88,6 +88,9 @@ def test_default_when_nothing_is_set(no_dotenv: Path) -> None:
         ("miner", ["--neuron.batch_size", "abc"], "--neuron.batch_size", "'abc'"),
         ("miner", ["--neuron.batch_size", "0"], "--neuron.batch_size", "positive"),
         ("miner", ["--neuron.lr", "fast"], "--neuron.lr", "'fast'"),
+        ("miner", ["--neuron.lr", "inf"], "--neuron.lr", "finite"),
+        ("miner", ["--neuron.lr", "nan"], "--neuron.lr", "finite"),
+        ("miner", ["--neuron.weight_decay", "inf"], "--neuron.weight_decay", "finite"),
         ("miner", ["--dht.initial_peers", "not-a-multiaddr"], "--dht.initial_peers", "not a multiaddr"),
         ("miner", ["--dht.initial_peers", "/ip4/1.2.3.4/tcp/5"], "--dht.initial_peers", "/p2p/"),
         ("miner", ["--dht.initial_peers", f"/ip4/1.2.3.4/tcp/5/p2p/{PEER_ID},/ip4/1.2.3.4/tcp/6"],
@@ -186,3 +189,23 @@ def test_miner_with_missing_wallet_exits_2_with_one_line(tmp_path: Path) -> None
     assert lines[0].startswith(f"dt-miner: error: wallet default/hotkey default not found under {wallets}"), lines[0]
     assert "dt-chain wallet create" in lines[0]
     assert list(wallets.iterdir()) == []  # nothing was created on the operator's behalf
+
+
+@pytest.mark.parametrize("error", ["device", "scores"])
+def test_operator_errors_after_start_are_one_line_and_exit_2(error: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A missing GPU or a corrupt score book surface while the neuron is being built: one line, exit 2."""
+    import torch
+
+    from distributed_training.neuron_errors import run_reporting_errors
+    from distributed_training.training.swarm import pick_device
+    from distributed_training.validation.scoring import ScoreBook
+
+    if error == "device":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        build, expected = (lambda: pick_device("cuda:0")), "--neuron.device cuda:0: no CUDA device"
+    else:
+        (tmp_path / "scores.json").write_text("{not json")
+        build, expected = (lambda: ScoreBook.load(tmp_path / "scores.json", 0.1)), "move it aside"
+    assert run_reporting_errors("validator", build) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dt-validator: error: ") and expected in err and err.count("\n") == 1, err

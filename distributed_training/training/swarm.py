@@ -100,11 +100,15 @@ class StepReport:
     group_size: Optional[int]
 
 
+class DeviceError(RuntimeError):
+    """The requested torch device is not there; the operator picks another or fixes the driver."""
+
+
 def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--neuron.device {requested}: no CUDA device is visible; use cpu or fix the driver")
+        raise DeviceError(f"--neuron.device {requested}: no CUDA device is visible; use cpu or fix the driver")
     return torch.device(requested)
 
 
