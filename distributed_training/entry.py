@@ -1,8 +1,8 @@
 """What the neuron entry scripts share: flags first, then logging, then the neuron, then a prompt exit.
 
 hivemind reads its log level at import and its averagers set SIGINT to "ignore", so the order
-here matters: quiet hivemind before anything imports it, parse flags (exit 2 on a bad one)
-before anything heavy, and let the neuron install its stop handlers after its swarm is built.
+here matters: parse flags (exit 2 on a bad one) before anything heavy, set hivemind's level from
+them before anything imports it, and let the neuron install its stop handlers after its swarm is built.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ def install_stop_handlers(stop: threading.Event) -> None:
 def run_neuron(role: str, make: Callable[[object], object], argv: Optional[list[str]] = None) -> int:
     """Parse `role`'s flags, build the neuron with `make(config)`, run it, and exit with its code."""
     argv = sys.argv[1:] if argv is None else argv
+    from .config import parse_or_exit
     from .logs import quiet_hivemind, setup_logging
 
-    quiet_hivemind(debug="--logging.debug" in argv)
-    from .config import parse_or_exit
-
-    config = parse_or_exit(role, argv)
+    config = parse_or_exit(role, argv)  # imports neither hivemind nor torch
+    quiet_hivemind(debug=config.logging.debug)  # so LOGGING_DEBUG in .env counts as much as the flag
     setup_logging(config.logging.debug, config.logging.dir, name=role)
     from .neuron_errors import run_reporting_errors
 

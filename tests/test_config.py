@@ -209,3 +209,17 @@ def test_operator_errors_after_start_are_one_line_and_exit_2(error: str, tmp_pat
     assert run_reporting_errors("validator", build) == 2
     err = capsys.readouterr().err
     assert err.startswith("dt-validator: error: ") and expected in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("debug, level", [("1", "DEBUG"), ("", "WARNING")])
+def test_logging_debug_from_environment_sets_hivemind_level(debug: str, level: str, tmp_path: Path) -> None:
+    """hivemind reads its level at import, so the entry point must set it from the parsed config, .env included."""
+    code = ("import os; from distributed_training.entry import run_neuron\n"
+            "class Probe:\n    def run(self):\n        print(os.environ['HIVEMIND_LOGLEVEL']); return 0\n"
+            "run_neuron('miner', lambda config: Probe(), [])")
+    env = {**_clean_env(tmp_path), "LOGGING_DEBUG": debug}
+    env.pop("HIVEMIND_LOGLEVEL", None)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == level
