@@ -17,12 +17,11 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean
-from typing import Any, Optional, Sequence, TextIO
+from typing import Optional, Sequence, TextIO
 
-from .logs import read_metrics
+from .localnet_summary import (Member, build_summary, chain_weights, events_since, format_table, loss_series,
+                               plot_losses, read_score_book)
 from .processes import Neuron, ProcessFailed, ProcessGroup
 
 PROG = "dt-local-swarm"
@@ -44,15 +43,6 @@ NEURON_FLAGS = [
 
 class UsageError(ValueError):
     """A bad flag value; becomes one line on stderr and exit code 2."""
-
-
-@dataclass(frozen=True)
-class Member:
-    """One neuron of the local subnet; its hotkey name is also its process and state-dir name."""
-
-    uid: int
-    name: str
-    behaviour: str  # "validator" or one of config.BEHAVIOURS
 
 
 # -- flags ----------------------------------------------------------------------------------------
@@ -181,114 +171,6 @@ def neuron_args(member: Member, args: argparse.Namespace, run_id: str, peers: li
 
 
 # -- reading what the neurons wrote ---------------------------------------------------------------
-def _events(state_dir: Path, event: str, since: float) -> list[dict[str, Any]]:
-    return [e for e in read_metrics(state_dir / "metrics.jsonl", event) if e.get("time", 0.0) >= since]
-
-
-def read_score_book(validator_dir: Path) -> dict[str, Any]:
-    """The validator's scores.json as plain JSON ({} if absent or unreadable: the summary still prints)."""
-    try:
-        return json.loads((validator_dir / "scores.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def chain_weights(db_path: Path, netuid: int, validator_uid: int) -> Optional[dict[int, float]]:
-    """The weights the validator set on the embedded chain, None if it set none."""
-    from .chain import ChainError, LocalChain
-
-    try:
-        with LocalChain(db_path) as chain:
-            return chain.weights(netuid).get(validator_uid)
-    except ChainError:
-        return None
-
-
-def resolve_weights(on_chain: Optional[dict[int, float]], validator_dir: Path, since: float = 0.0
-                    ) -> tuple[dict[int, float], str]:
-    """Chain weights when present, else the latest "weights" event the validator logged."""
-    if on_chain:
-        return dict(on_chain), "chain"
-    events = _events(validator_dir, "weights", since)
-    if events:
-        return {int(uid): float(w) for uid, w in events[-1].get("weights", {}).items()}, "metrics"
-    return {}, "none"
-
-
-def round_timings(validator_dir: Path, since: float = 0.0) -> dict[str, Optional[float]]:
-    """Mean query+verify seconds per round, and mean wall seconds from one round to the next."""
-    rounds = _events(validator_dir, "round", since)
-    work = [float(r.get("query_s", 0.0)) + float(r.get("verify_s", 0.0)) for r in rounds]
-    times = [float(r["time"]) for r in rounds]
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    return {"rounds": len(rounds), "round_seconds": mean(work) if work else None,
-            "round_wall_seconds": mean(gaps) if gaps else None}
-
-
-def build_summary(layout: list[Member], hotkeys: dict[str, str], validator_dir: Path,
-                  on_chain: Optional[dict[int, float]], since: float = 0.0) -> dict[str, Any]:
-    """Per-miner scores (only entries whose hotkey still matches the uid), weights and round times."""
-    entries = read_score_book(validator_dir).get("entries", {})
-    weights, source = resolve_weights(on_chain, validator_dir, since)
-    miners = []
-    for member in layout[1:]:
-        hotkey = hotkeys.get(member.name, "")
-        entry = entries.get(str(member.uid), {})
-        entry = entry if entry.get("hotkey") == hotkey else {}
-        miners.append({"uid": member.uid, "hotkey": hotkey, "behaviour": member.behaviour,
-                       "answered": int(entry.get("answered", 0)), "last_score": entry.get("last_score"),
-                       "moving_average": float(entry.get("moving_average", 0.0)),
-                       "weight": float(weights.get(member.uid, 0.0))})
-    return {"miners": miners, **round_timings(validator_dir, since), "weights_source": source}
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """The final scoreboard, one miner a line, then the round timings."""
-    def _number(value: Optional[float], digits: int) -> str:
-        return "-" if value is None else f"{value:.{digits}f}"
-
-    lines = [f"{'uid':>4}  {'hotkey':<10} {'behaviour':<9} {'answered':>8} {'last':>5} {'avg':>6} {'weight':>6}"]
-    for m in summary["miners"]:
-        lines.append(f"{m['uid']:>4}  {m['hotkey'][:8] + '..':<10} {m['behaviour']:<9} {m['answered']:>8} "
-                     f"{_number(m['last_score'], 1):>5} {m['moving_average']:>6.3f} {m['weight']:>6.3f}")
-    lines.append(f"rounds {summary['rounds']} | query+verify {_number(summary['round_seconds'], 1)} s/round | "
-                 f"{_number(summary['round_wall_seconds'], 1)} s between rounds | weights from "
-                 f"{summary['weights_source']}")
-    return "\n".join(lines)
-
-
-def loss_series(layout: list[Member], state_root: Path, since: float) -> dict[str, list[tuple[float, float]]]:
-    """(seconds since start, loss) of every step of the miners that train: honest ones and liars."""
-    series = {}
-    for m in layout:
-        if m.behaviour in ("honest", "liar"):
-            steps = _events(state_root / m.name, "step", since)
-            series[f"uid {m.uid} ({m.behaviour})"] = [(s["time"] - since, float(s["loss"])) for s in steps]
-    return series
-
-
-def plot_losses(series: dict[str, list[tuple[float, float]]], path: Path) -> None:
-    """Loss over time as a PNG (Agg: no display needed); an empty plot still says why it is empty."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    try:
-        for label, points in ((label, points) for label, points in series.items() if points):
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=label, linewidth=1)
-        if any(series.values()):
-            ax.legend(fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "no training steps recorded", ha="center", va="center", transform=ax.transAxes)
-        ax.set(xlabel="seconds since start", ylabel="training loss", title="local swarm: loss per miner")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
-
-
 # -- running ---------------------------------------------------------------------------------------
 class Progress:
     """One live status line on a terminal; elsewhere (CI logs) a new line only when the status changes."""
@@ -362,7 +244,7 @@ class LocalSwarm:
         """Start the validator once every live miner joined, so no round scores a miner still importing torch."""
         miners = self.layout[1:]
         waiting = [m.name for m in miners if self.group.members[m.name].alive
-                   and not _events(self.state_root / m.name, "start", self.since)]
+                   and not events_since(self.state_root / m.name, "start", self.since)]
         if waiting and time.monotonic() > deadline:
             raise SwarmFailed(f"miners {', '.join(waiting)} did not join within {STARTUP_TIMEOUT:.0f}s; "
                               f"see their logs in {self.group.log_dir}")
@@ -388,8 +270,8 @@ class LocalSwarm:
 
     def status(self) -> tuple[int, int]:
         """(validator rounds done in this run, swarm epoch of the most advanced honest miner)."""
-        rounds = len(_events(self.state_root / VALIDATOR, "round", self.since))
-        steps = [_events(self.state_root / name, "step", self.since) for name in self.honest]
+        rounds = len(events_since(self.state_root / VALIDATOR, "round", self.since))
+        steps = [events_since(self.state_root / name, "step", self.since) for name in self.honest]
         return rounds, max([int(s[-1].get("epoch", 0)) for s in steps if s], default=0)
 
 

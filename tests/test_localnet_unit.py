@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from distributed_training import localnet
-from distributed_training.localnet import Member
+from distributed_training import localnet, localnet_summary
+from distributed_training.localnet_summary import Member
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -114,7 +114,7 @@ def _synthetic_run(tmp_path: Path, since: float) -> tuple[list[Member], dict[str
 def test_summary_prefers_chain_weights_and_drops_changed_hotkeys(tmp_path):
     since = time.time()
     layout, hotkeys, validator_dir = _synthetic_run(tmp_path, since)
-    summary = localnet.build_summary(layout, hotkeys, validator_dir, {1: 0.75, 2: 0.25}, since)
+    summary = localnet_summary.build_summary(layout, hotkeys, validator_dir, {1: 0.75, 2: 0.25}, since)
     by_uid = {m["uid"]: m for m in summary["miners"]}
     assert sorted(by_uid) == [1, 2, 3]
     assert by_uid[1] == {"uid": 1, "hotkey": hotkeys["miner0"], "behaviour": "honest", "answered": 2,
@@ -124,19 +124,19 @@ def test_summary_prefers_chain_weights_and_drops_changed_hotkeys(tmp_path):
     assert summary["rounds"] == 2 and summary["weights_source"] == "chain"
     assert summary["round_seconds"] == pytest.approx(4.0) and summary["round_wall_seconds"] == pytest.approx(12.0)
     json.dumps(summary)  # what --summary-json writes
-    table = localnet.format_table(summary)
+    table = localnet_summary.format_table(summary)
     assert len(table.splitlines()) == 5 and "liar" in table and "4.0 s/round" in table
 
 
 def test_summary_falls_back_to_logged_weights_then_to_none(tmp_path):
     since = time.time()
     layout, hotkeys, validator_dir = _synthetic_run(tmp_path, since)
-    summary = localnet.build_summary(layout, hotkeys, validator_dir, None, since)
+    summary = localnet_summary.build_summary(layout, hotkeys, validator_dir, None, since)
     assert summary["weights_source"] == "metrics" and [m["weight"] for m in summary["miners"]] == [0.9, 0.1, 0.0]
-    empty = localnet.build_summary(layout, hotkeys, tmp_path / "missing", None, since)
+    empty = localnet_summary.build_summary(layout, hotkeys, tmp_path / "missing", None, since)
     assert empty["rounds"] == 0 and empty["round_seconds"] is None and empty["weights_source"] == "none"
     assert all(m["last_score"] is None for m in empty["miners"])
-    assert "-" in localnet.format_table(empty)
+    assert "-" in localnet_summary.format_table(empty)
 
 
 def test_chain_weights_reads_the_validator_row(tmp_path):
@@ -152,10 +152,10 @@ def test_chain_weights_reads_the_validator_row(tmp_path):
             class hotkey:  # noqa: N801 - mimics bittensor's wallet.hotkey.ss58_address
                 ss58_address = "5V"
 
-        assert localnet.chain_weights(db, 1, 0) is None
+        assert localnet_summary.chain_weights(db, 1, 0) is None
         chain.set_weights(Wallet, 1, [1, 2], [3.0, 1.0], version_key=1)
-    assert localnet.chain_weights(db, 1, 0) == pytest.approx({1: 0.75, 2: 0.25})
-    assert localnet.chain_weights(db, 9, 0) is None  # no such subnet: no weights, no crash
+    assert localnet_summary.chain_weights(db, 1, 0) == pytest.approx({1: 0.75, 2: 0.25})
+    assert localnet_summary.chain_weights(db, 9, 0) is None  # no such subnet: no weights, no crash
 
 
 def test_loss_plot_is_a_png(tmp_path):
@@ -164,10 +164,10 @@ def test_loss_plot_is_a_png(tmp_path):
     for member, losses in (("miner0", [5.0, 4.0, 3.5]), ("miner1", [5.0, 4.1]), ("miner2", [9.9])):
         _write_metrics(tmp_path / "state" / member, [
             {"event": "step", "time": since + i, "loss": loss, "epoch": 0} for i, loss in enumerate(losses)])
-    series = localnet.loss_series(layout, tmp_path / "state", since)
+    series = localnet_summary.loss_series(layout, tmp_path / "state", since)
     assert list(series) == ["uid 1 (honest)", "uid 2 (liar)"] and series["uid 1 (honest)"][1] == (1.0, 4.0)
     for name, data in (("loss.png", series), ("empty.png", {})):
-        localnet.plot_losses(data, tmp_path / "plots" / name)
+        localnet_summary.plot_losses(data, tmp_path / "plots" / name)
         content = (tmp_path / "plots" / name).read_bytes()
         assert content.startswith(b"\x89PNG") and len(content) > 1000
 
