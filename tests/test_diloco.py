@@ -8,6 +8,7 @@ DHT and averaging, ending on the same θ_global."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -332,7 +333,9 @@ def test_three_miners_train_diloco_together_and_end_equal(tmp_path):
     print(f"\nthree miners, {max_epochs} outer epochs: {time.monotonic() - started:.0f}s")
 
     dirs = [tmp_path / f"m{i}" for i in range(3)]
-    assert "outer step 1: averaged with" in (tmp_path / "logs" / "m0.log").read_text()  # the DiLoCo trainer ran
+    # the DiLoCo trainer ran (a miner slow to start may load round 1's state and log its first outer step at 2)
+    assert all(re.search(r"outer step \d+: averaged with 3 peer", (tmp_path / "logs" / f"m{i}.log").read_text())
+               for i in range(3))
     for state_dir in dirs:
         epochs = _epochs(state_dir)
         print(state_dir.name, "epoch:group size", [(e["epoch"], e["group_size"]) for e in epochs])
