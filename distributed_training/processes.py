@@ -50,14 +50,21 @@ class ProcessGroup:
     members: dict[str, Neuron] = field(default_factory=dict)
 
     def start(self, name: str, script: str, args: Sequence[str], state_dir: Path,
-              env: Optional[dict[str, Optional[str]]] = None) -> Neuron:
-        """Start `neurons/<script>` with `args`, its state in `state_dir`."""
-        command = [sys.executable, str(REPO_ROOT / "neurons" / script), *args, "--neuron.state_dir", str(state_dir)]
+              env: Optional[dict[str, Optional[str]]] = None, prefix: Sequence[str] = ()) -> Neuron:
+        """Start `neurons/<script>` with `args`, its state in `state_dir`.
+
+        `prefix` goes before the interpreter, e.g. `ip netns exec <namespace>` (it must exec the command,
+        so that the process stopped is the neuron itself)."""
+        command = [*prefix, sys.executable, str(REPO_ROOT / "neurons" / script), *args,
+                   "--neuron.state_dir", str(state_dir)]
         return self._spawn(name, command, state_dir, env)
 
-    def start_dht_node(self, name: str, state_dir: Path) -> Neuron:
+    def start_dht_node(self, name: str, state_dir: Path, args: Sequence[str] = (),
+                       prefix: Sequence[str] = ()) -> Neuron:
         """Start a routing-only DHT node (`dt-dht`); its addresses land in `state_dir/dht.json`."""
-        command = [sys.executable, "-m", "distributed_training.dht_node", "--peer-file", str(Path(state_dir) / "dht.json")]
+        peer_file = Path(state_dir) / "dht.json"
+        peer_file.unlink(missing_ok=True)  # a kept state dir's file names a node that is gone; wait for the new one
+        command = [*prefix, sys.executable, "-m", "distributed_training.dht_node", *args, "--peer-file", str(peer_file)]
         return self._spawn(name, command, state_dir, None)
 
     def _spawn(self, name: str, command: list[str], state_dir: Path, env: Optional[dict[str, Optional[str]]]) -> Neuron:

@@ -161,3 +161,19 @@ def test_announce_ip_without_fixed_port_fails_before_starting() -> None:
     with pytest.raises(DHTBootstrapError, match="--dht.announce_ip needs a fixed --dht.port"):
         start_dht(DHTSettings(port=0, announce_ip="203.0.113.5"))
     assert time.monotonic() - started < 5  # nothing was started or retried
+
+
+def test_restarted_dht_node_is_not_confused_with_the_stale_peer_file_of_the_last_run(tmp_path) -> None:
+    """`dt-local-swarm --keep` reuses state dirs: the addresses must be the new node's, not the last run's."""
+    import json
+
+    from distributed_training.processes import ProcessGroup
+
+    stale = "/ip4/127.0.0.1/tcp/1/p2p/QmStaleStaleStaleStaleStaleStaleStaleStaleStale1"
+    (tmp_path / "dht").mkdir()
+    (tmp_path / "dht" / "dht.json").write_text(json.dumps({"peer_id": "QmStale", "maddrs": [stale]}))
+    with ProcessGroup(tmp_path / "logs") as group:
+        node = group.start_dht_node("dht", tmp_path / "dht")
+        peers = group.initial_peers(node)
+        assert stale not in peers and peers, peers
+        assert all(addr.startswith("/ip4/127.0.0.1/") for addr in peers), peers
