@@ -20,7 +20,7 @@ setup(
     install_requires=[
         # torch is installed first, on its own (scripts/install.sh): a range here must not pull a CUDA build
         # over the CPU one, nor a CPU one over an operator's CUDA one.
-        "torch>=2.3",
+        "torch>=2.6",
         "hivemind==1.1.12",
         "bittensor==11.3.0",
         "transformers==5.23.0",

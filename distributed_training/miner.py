@@ -171,7 +171,9 @@ class Miner:
                     report.epoch, self.step, mean_loss, rate, trainer.num_peers, report.group_size)
         self.metrics.write("epoch", epoch=report.epoch, step=self.step, loss=mean_loss, samples_per_s=rate,
                            group_size=report.group_size, peers=trainer.num_peers,
-                           samples_trained=trainer.samples_trained)
+                           samples_trained=trainer.samples_trained,
+                           # cumulative; differences between epochs split wall time into compute and network
+                           **trainer.timing.as_fields())
         self._publish_record()
         every = self.config.neuron.checkpoint_every
         if every and report.epoch % every == 0:

@@ -22,7 +22,8 @@ from distributed_training.logs import read_metrics
 from distributed_training.processes import ProcessGroup
 from distributed_training.training.checkpoint import load_checkpoint
 from distributed_training.training.dht import DHTSettings, start_dht, visible_maddrs
-from distributed_training.training.diloco import DiLoCoSettings, DiLoCoTrainer, _PseudoGradientAverager
+from distributed_training.training.consensus_averager import PseudoGradientAverager
+from distributed_training.training.diloco import DiLoCoSettings, DiLoCoTrainer
 from distributed_training.training.presets import build_model, get_preset
 from distributed_training.training.progress import read_peer_progress
 from distributed_training.training.swarm import COMPRESSION, ClippedAdamW, page_losses
@@ -256,7 +257,7 @@ def test_consensus_all_reduce_gives_every_peer_the_same_weighted_average(dht, co
     averagers = []
     try:
         for node, tensors in zip((dht, second), inputs):
-            averagers.append(_PseudoGradientAverager(
+            averagers.append(PseudoGradientAverager(
                 [torch.zeros_like(t) for t in tensors], node, prefix=prefix, start=True, min_matchmaking_time=2.0,
                 request_timeout=1.0, allreduce_timeout=20.0, compression=COMPRESSION[compression](),
                 part_size_bytes=4096))  # several parts per tensor

@@ -14,7 +14,7 @@ Which hivemind pieces, and why:
   trained in the current epoch and publishes them as the signed `<run_id>_progress` records the
   validator reads as evidence of contribution, exactly as in swarm mode. Its global epoch is the
   highest epoch any training peer reports.
-- One `hivemind.averaging.DecentralizedAverager` (`_PseudoGradientAverager`, prefix
+- One `hivemind.averaging.DecentralizedAverager` (`PseudoGradientAverager`, prefix
   `<run_id>_diloco`) whose averaged tensors are fp32 pseudo-gradient buffers, one per parameter.
   The same averager serves this peer's state to joiners (`get_current_state`: θ_global, the outer
   momentum buffers and the epoch, uncompressed) and downloads it (`load_state_from_peers`), with
@@ -26,7 +26,7 @@ Which hivemind pieces, and why:
 - hivemind's butterfly all-reduce lets every member add a *delta* (average − own part) to its own
   buffer, compressed relative to what *it* sent, and it silently keeps the local part of a reducer
   that failed. Both leave peers with slightly (compression) or grossly (failure) different
-  averages, so their θ_global would drift apart. `_ConsensusAllReduceRunner` changes two things:
+  averages, so their θ_global would drift apart. `ConsensusAllReduceRunner` (`consensus_averager.py`) changes two things:
   a reducer sends back the averaged part itself, compressed once, and uses the decompressed bytes
   it sent for its own part too, so every member of the group decodes the very same values; and a
   round in which any part failed is an error for that peer (it loads the state from peers rather
@@ -65,7 +65,6 @@ but its epoch is one optimizer step; here it is H inner steps.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 import math
@@ -76,19 +75,16 @@ from typing import Any, Optional, Sequence
 
 import hivemind
 import torch
-from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
-from hivemind.averaging.control import AveragingStage
-from hivemind.averaging.partition import BannedException
-from hivemind.compression import CompressionInfo, NoCompression, deserialize_torch_tensor
+from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.compression import NoCompression
 from hivemind.optim.progress_tracker import ProgressTracker
-from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
+from .consensus_averager import PseudoGradientAverager
 from .progress import read_peer_progress
 from .swarm import COMPRESSION, ClippedAdamW, StepReport, SwarmSettings, loss_and_gradients, page_losses
+from .timing import TimeSplit, communication
 
 logger = logging.getLogger(__name__)
 
@@ -102,130 +98,6 @@ class DiLoCoSettings(SwarmSettings):
     inner_steps: int = 100  # H: at most this many local steps per round before waiting for the round (0: no cap)
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
-
-
-# --- the all-reduce ------------------------------------------------------------------------------------
-# 8-bit parts decode correctly once `compression.fix_8bit_decoding` is applied (swarm.py does it on import).
-_deserialize = deserialize_torch_tensor
-
-
-class _ConsensusAllReduceRunner(AllReduceRunner):
-    """hivemind's butterfly all-reduce, changed so that every member of the group gets the same bits.
-
-    hivemind returns to each sender `average - its own part`, compressed, and lets a failed reducer's
-    parts silently keep the local values. Here a reducer returns the average itself, compressed
-    once (the same bytes for every sender), its own part goes through the same compression, and
-    outputs are absolute values; `failed_size` tells the averager whether any part failed.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._compressed_results: dict[int, Any] = {}
-
-    def _compress_result(self, part_index: int, averaged_part: torch.Tensor):
-        cached = self._compressed_results.get(part_index)
-        if cached is None:  # concurrent senders may compute it twice; the result is the same
-            compression = self.tensor_part_container.compression
-            cached = compression.compress(averaged_part, CompressionInfo.from_tensor(averaged_part), allow_inplace=False)
-            self._compressed_results[part_index] = cached
-        return cached
-
-    async def _communicate_with_peer(self, peer_id):
-        """Send our parts to `peer_id`'s reducer and register the averages it returns (ours: as others get them)."""
-        loop = asyncio.get_event_loop()
-        peer_index = self.ordered_peer_ids.index(peer_id)
-        if peer_id == self.peer_id:
-            sender_index = self.sender_peer_ids.index(peer_id)
-            for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
-                averaged_part = await self.tensor_part_reducer.accumulate_part(
-                    sender_index, part_index, tensor_part, weight=self.weight)
-                as_sent = await loop.run_in_executor(
-                    None, lambda: _deserialize(self._compress_result(part_index, averaged_part)))
-                self.tensor_part_container.register_processed_part(peer_index, part_index, as_sent)
-            return
-        try:  # hivemind's sender loop, with our decoder
-            done_sending = asyncio.Event()
-            inputs_aiter = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
-            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter)
-            if self.should_delay_results(self.peer_id):
-                await done_sending.wait()
-
-            def _decode(msg):
-                if msg.code != averaging_pb2.AVERAGED_PART:
-                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
-                return _deserialize(msg.tensor_part)
-
-            part_index = 0
-            async for averaged_part in amap_in_executor(_decode, aiter_with_timeout(stream, self.reducer_timeout),
-                                                        max_prefetch=self.tensor_part_container.prefetch):
-                self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
-                part_index += 1
-            if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
-                raise AllreduceException(f"peer {peer_id} sent {part_index} parts, expected "
-                                         f"{self.tensor_part_container.num_parts_by_peer[peer_index]}")
-        except BaseException as exc:
-            if isinstance(exc, Exception):
-                logger.debug("all-reduce with %s failed: %r", peer_id, exc, exc_info=True)
-            self.tensor_part_container.register_failed_reducer(peer_index)
-            raise
-
-    async def _accumulate_parts_streaming(self, stream, sender_index: int):
-        """hivemind's reducer loop, returning the compressed average instead of a per-sender delta."""
-        part_index = 0
-        try:
-            loop = asyncio.get_event_loop()
-            async for tensor_part, weight in amap_in_executor(
-                lambda msg: (_deserialize(msg.tensor_part), msg.weight), stream,
-                max_prefetch=self.tensor_part_container.prefetch,
-            ):
-                try:
-                    averaged_part = await self.tensor_part_reducer.accumulate_part(
-                        sender_index, part_index, tensor_part, weight=weight)
-                except BannedException:
-                    break  # the sender was banned; its parts no longer count
-                serialized = await loop.run_in_executor(None, self._compress_result, part_index, averaged_part)
-                part_index += 1
-                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
-        finally:
-            if part_index != self.tensor_part_reducer.num_parts:
-                await self._ban_sender(self.sender_peer_ids[sender_index])
-
-
-class _PseudoGradientAverager(DecentralizedAverager):
-    """Averages the pseudo-gradient buffers with `_ConsensusAllReduceRunner`; serves θ_global to joiners.
-
-    `state_source` is set by the trainer: a callable returning (metadata, tensors) of the state
-    peers download. It runs in this (the host) process, on hivemind's state-fetching thread.
-    """
-
-    state_source = None
-
-    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
-        group_id = group_info.group_id if group_id is None else group_id
-        runner = _ConsensusAllReduceRunner(
-            p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
-            ordered_peer_ids=group_info.peer_ids, **kwargs)
-        assert group_id in self._running_groups, f"group {group_id} was not registered"
-        self._running_groups[group_id].set_result(runner)
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
-            async for _ in runner:
-                raise ValueError("auxiliary peers do not receive averaged tensors")
-            return
-        averaged = [tensor async for tensor in runner]
-        failed = runner.tensor_part_container.failed_size
-        if failed:
-            raise AllreduceException(f"{failed} of {runner.tensor_part_container.total_size} values were not "
-                                     "averaged (a reducer failed); not using a partial average")
-        for tensor, value in zip(tensors, averaged):
-            tensor.copy_(value)
-        self.last_updated = get_dht_time()
-        self._state_updated.set()
-
-    def get_current_state(self):
-        if self.state_source is None:
-            return dict(format=None), [], None
-        metadata, tensors = self.state_source()
-        return metadata, tensors, None
 
 
 # --- the trainer ---------------------------------------------------------------------------------------
@@ -255,6 +127,9 @@ class DiLoCoTrainer:
         self._round_steps = 0
         self._next_catch_up_try = 0.0
         self._state_lock = threading.RLock()
+        self._scheduled: Optional[StepControl] = None  # matchmaking started ahead of the round (see _schedule_round)
+        self._scheduled_epoch = -1
+        self.timing = TimeSplit()  # the DHT read, the all-reduce with its wait for peers, state loading: communication
 
         self.inner_optimizer = ClippedAdamW(self._local_params, lr=settings.lr, betas=(0.9, 0.95),
                                             weight_decay=settings.weight_decay, max_grad_norm=settings.grad_clip)
@@ -268,7 +143,7 @@ class DiLoCoTrainer:
         self.tracker = ProgressTracker(dht=dht, prefix=settings.run_id, target_batch_size=settings.target_batch_size,
                                        private_key=progress_key, start=True)
         try:
-            self.averager = _PseudoGradientAverager(
+            self.averager = PseudoGradientAverager(
                 [torch.zeros_like(param) for param in self._global_params], dht,
                 prefix=f"{settings.run_id}_diloco", start=False,
                 min_matchmaking_time=settings.matchmaking_time,
@@ -313,6 +188,10 @@ class DiLoCoTrainer:
 
     def train_batch(self, inputs: torch.Tensor) -> StepReport:
         """One inner step on `inputs` [batch, seq_len]; may end the round with an outer step (a global epoch)."""
+        with self.timing.step():
+            return self._train_batch(inputs)
+
+    def _train_batch(self, inputs: torch.Tensor) -> StepReport:
         epoch_before = self.local_epoch
         loss, problem = loss_and_gradients(self.model, inputs, self.device)
         if problem:
@@ -335,6 +214,8 @@ class DiLoCoTrainer:
         elif self._round_due():
             with self.tracker.performance_ema.pause():  # the round's wait is not training speed (ETA estimates)
                 group_size = self._outer_round()
+        else:
+            self._schedule_round()
         changed = self.local_epoch != epoch_before
         return StepReport(loss=float(loss.item()), samples=samples, skipped=False, epoch=self.local_epoch,
                           epoch_changed=changed, group_size=group_size if changed else None)
@@ -350,6 +231,42 @@ class DiLoCoTrainer:
         return self.tracker.ready_to_update_epoch or bool(cap and self._round_steps >= cap)
 
     # -- the outer round ------------------------------------------------------------------------
+    def _schedule_round(self) -> None:
+        """Start matchmaking for this round while the last inner steps still run, as swarm mode does.
+
+        Forming a group takes `matchmaking_time`. Started only once the round is due, every peer
+        would sit that long idle each round (at 15 s and H = 100 tiny-model steps, ~13 % of wall
+        time). Started when the swarm's estimated end of the round is that close, the group forms
+        meanwhile and waits for the trigger `_average` pulls when the round is due.
+        """
+        if self._scheduled is not None and not self._scheduled.done():
+            return
+        if self.tracker.global_progress.num_peers <= 1:
+            return  # alone: nobody to match with, and no polling the DHT for nobody
+        now, wait = get_dht_time(), self.settings.matchmaking_time
+        if self.tracker.estimated_next_update_time - now > wait:
+            return
+        self._scheduled = self.averager.step(
+            gather=dict(epoch=self._epoch), scheduled_time=now + wait, timeout=wait + self.settings.averaging_timeout,
+            allow_retries=True, require_trigger=True, wait=False)
+        self._scheduled_epoch = self._epoch
+
+    def _take_scheduled(self, epoch: int) -> Optional[StepControl]:
+        """The matchmaking started ahead for `epoch`, if it is still usable; any other is cancelled."""
+        control = self._scheduled
+        if control is not None and self._scheduled_epoch == epoch and not control.done():
+            self._scheduled = None
+            return control
+        self._cancel_scheduled()
+        return None
+
+    def _cancel_scheduled(self) -> None:
+        """Drop matchmaking started ahead, so that a group formed with this peer does not wait for it."""
+        control, self._scheduled = self._scheduled, None
+        if control is not None and not control.done():
+            control.cancel()
+
+    @communication
     def _partners(self) -> int:
         """Other peers training at this peer's epoch or later.
 
@@ -417,11 +334,17 @@ class DiLoCoTrainer:
                     self.bytes_per_round(group_size) / 1e6)
         return group_size
 
+    @communication
     def _average(self, weight: float, epoch: int) -> Optional[dict]:
         """One all-reduce of the Δ buffers; the gathered {peer: {"epoch": ...}} or None if it failed."""
         settings = self.settings
-        control = self.averager.step(weight=weight, gather=dict(epoch=epoch), timeout=settings.averaging_timeout,
-                                     allow_retries=True, wait=False)
+        control = self._take_scheduled(epoch)
+        if control is not None:  # the group is (being) formed already: set this round's weight and go
+            control.weight = weight
+            control.allow_allreduce()
+        else:
+            control = self.averager.step(weight=weight, gather=dict(epoch=epoch), timeout=settings.averaging_timeout,
+                                         allow_retries=True, wait=False)
         deadline = time.monotonic() + 2 * settings.averaging_timeout + settings.matchmaking_time
         while True:
             try:
@@ -455,6 +378,7 @@ class DiLoCoTrainer:
             local_param.copy_(global_param.to(local_param.device))
 
     def _start_epoch(self, epoch: int) -> None:
+        self._cancel_scheduled()  # a group matched for another epoch must not wait for this peer
         self._round_samples = self._round_steps = 0
         with self.tracker.pause_updates():
             self.tracker.update_epoch(epoch)
@@ -482,6 +406,7 @@ class DiLoCoTrainer:
             metadata = dict(format=STATE_FORMAT, epoch=self._epoch, num_params=len(self._global_params))
         return metadata, tensors
 
+    @communication
     def _load_state_from_peers(self) -> bool:
         """Download θ_global, momentum and epoch from the most advanced peer; True if loaded."""
         self._next_catch_up_try = time.monotonic() + CATCH_UP_RETRY_SECONDS
@@ -582,6 +507,7 @@ class DiLoCoTrainer:
         self._start_epoch(self._epoch)
 
     def shutdown(self) -> None:
+        self._cancel_scheduled()
         try:
             self.tracker.shutdown(5.0)
         finally:
