@@ -299,9 +299,12 @@ def test_consensus_all_reduce_gives_every_peer_the_same_weighted_average(dht, co
 
 
 # --- miners in separate processes ---------------------------------------------------------------------
+# Rounds here last a few seconds, so with a 5 s matchmaking window every miner starts matchmaking at the
+# start of its round (`_schedule_round`), all within moments of each other; with a window much shorter
+# than the noise in the round-end estimates, the pre-formed group can split.
 DILOCO_FLAGS = [
     "--neuron.swarm_only", "--training.mode", "diloco", "--model.preset", "tiny", "--model.seq_len", "32",
-    "--neuron.batch_size", "4", "--neuron.target_batch_size", "120", "--neuron.matchmaking_time", "2",
+    "--neuron.batch_size", "4", "--neuron.target_batch_size", "120", "--neuron.matchmaking_time", "5",
     "--neuron.averaging_timeout", "30", "--neuron.lr", "3e-3", "--neuron.torch_threads", "1",
     "--dht.bootstrap_timeout", "120", "--neuron.grad_compression", "fp16", "--wandb.off",
 ]
