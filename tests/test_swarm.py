@@ -85,9 +85,14 @@ def test_three_miners_average_together_and_end_equal(tmp_path):
     assert mean(last) < mean(first) - 0.5, (mean(first), mean(last))
 
 
+# Enough epochs that, on a loaded machine where the joiner may need until epoch 8 to join, epochs remain
+# after the kill for the survivors to average together.
+MAX_EPOCHS = 13
+
+
 def test_late_joiner_syncs_and_killed_miner_does_not_stop_the_swarm(tmp_path):
     run_id = f"t-{uuid.uuid4().hex[:8]}"
-    extra = ["--neuron.max_epochs", "10"]
+    extra = ["--neuron.max_epochs", str(MAX_EPOCHS)]
     with ProcessGroup(tmp_path / "logs") as group:
         peers = group.initial_peers(group.start_dht_node("dht", tmp_path / "dht"))
         for i in (0, 1, 2):
@@ -98,7 +103,7 @@ def test_late_joiner_syncs_and_killed_miner_does_not_stop_the_swarm(tmp_path):
         _wait_until(lambda: any(e["group_size"] == 4 for e in _epochs(tmp_path / "m3")), 240, group,
                     "the late joiner's first all-reduce with all four miners")
         joined_epoch = next(e["epoch"] for e in _epochs(tmp_path / "m3") if e["group_size"] == 4)
-        assert joined_epoch < 10
+        assert joined_epoch < MAX_EPOCHS - 2
 
         # SIGKILL a miner in the middle of an epoch: right after one of its local steps.
         steps_before = len(read_metrics(tmp_path / "m1" / "metrics.jsonl", "step"))
@@ -113,7 +118,7 @@ def test_late_joiner_syncs_and_killed_miner_does_not_stop_the_swarm(tmp_path):
 
     for name in survivors:
         epochs = _epochs(tmp_path / name)
-        assert epochs[-1]["epoch"] == 10
+        assert epochs[-1]["epoch"] == MAX_EPOCHS
         after_kill = [e for e in epochs if e["epoch"] > killed_at + 1]
         # the survivors completed a global epoch together, without the killed miner
         assert any(e["group_size"] == 3 for e in after_kill), epochs
