@@ -68,7 +68,7 @@ async def _noop() -> None:
 
 
 def check_assets() -> tuple[bool, list[str]]:
-    from distributed_training.assets import AssetsError, ensure_assets
+    from distributed_training.data.assets import AssetsError, ensure_assets
 
     try:
         return True, ensure_assets(log=lambda _line: None)

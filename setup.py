@@ -42,11 +42,11 @@ setup(
             "dt-miner=neurons.miner:main",
             "dt-validator=neurons.validator:main",
             "dt-chain=distributed_training.chain.cli:main",
-            "dt-assets=distributed_training.assets:main",
-            "dt-local-swarm=distributed_training.localnet:main",
-            "dt-dht=distributed_training.dht_node:main",
-            "dt-monitor=distributed_training.monitor:run",
-            "dt-check-compute=distributed_training.compute:main",
+            "dt-assets=distributed_training.data.assets:main",
+            "dt-local-swarm=distributed_training.localnet.cli:main",
+            "dt-dht=distributed_training.ops.dht_node:main",
+            "dt-monitor=distributed_training.ops.monitor:run",
+            "dt-check-compute=distributed_training.ops.compute:main",
         ]
     },
 )

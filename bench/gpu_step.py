@@ -4,7 +4,7 @@ Two rows, both built from the project's own code (the preset, `build_model`, and
 `loss_and_gradients`, which applies bf16 autocast on CUDA exactly as the miner does):
 
 - `forward + backward`: `loss_and_gradients` then `zero_grad`, per batch; the pure compute step;
-- `miner step, alone`: `SwarmTrainer.train_batch` in a one-peer swarm, i.e. the above plus
+- `miner step, alone`: `GradientAveragingTrainer.train_batch` in a one-peer swarm, i.e. the above plus
   hivemind's gradient accumulation every batch and its host-offloaded AdamW at every global
   epoch (`--target-batch-size` samples), amortised over the timed window.
 
@@ -55,7 +55,7 @@ def peak_tflops(device_name: str) -> Optional[float]:
 
 def model_params(model: torch.nn.Module) -> int:
     """N of the FLOPs estimate: unique parameters less the position embedding (a lookup, no matmul)."""
-    from distributed_training.training.presets import count_parameters
+    from distributed_training.training.model import count_parameters
 
     return count_parameters(model) - model.transformer.wpe.weight.numel()
 
@@ -104,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--target-batch-size", type=int, default=512,
                         help="samples per global epoch of the swarm row (the miner's default)")
     parser.add_argument("--epochs", type=int, default=2, help="timed global epochs of the swarm row (+1 warm-up)")
-    parser.add_argument("--no-swarm", action="store_true", help="skip the row through SwarmTrainer")
+    parser.add_argument("--no-swarm", action="store_true", help="skip the row through GradientAveragingTrainer")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak; 0: from the table")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-record", action="store_true")
@@ -116,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     dht = None
     if not args.no_swarm:
         # The DHT forks a process, so it starts before anything initialises CUDA (as in neuron_setup).
-        from distributed_training.training.dht import DHTSettings, start_dht
+        from distributed_training.swarm.dht import DHTSettings, start_dht
 
         dht = start_dht(DHTSettings(port=0, host_ip="127.0.0.1"))
     try:
@@ -138,9 +138,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 def run(args: argparse.Namespace, device: torch.device, dht: Optional[Any]) -> str:
     from report import table
 
-    from distributed_training.training.presets import build_model, get_preset
-    from distributed_training.training.swarm import SwarmSettings, SwarmTrainer, loss_and_gradients
-    from distributed_training.training.tokenizer import load_tokenizer
+    from distributed_training.training.model import build_model, get_preset
+    from distributed_training.training.gradient_averaging import GradientAveragingTrainer
+    from distributed_training.training.model import loss_and_gradients
+    from distributed_training.training.trainer import TrainerSettings
+    from distributed_training.data.tokenizer import load_tokenizer
 
     preset = get_preset(args.preset)
     seq_len = args.seq_len or preset.seq_len
@@ -169,7 +171,7 @@ def run(args: argparse.Namespace, device: torch.device, dht: Optional[Any]) -> s
     results.append(("forward + backward (`loss_and_gradients`)", args.steps, seconds))
 
     if dht is not None:
-        trainer = SwarmTrainer(model, dht, SwarmSettings(
+        trainer = GradientAveragingTrainer(model, dht, TrainerSettings(
             run_id=f"gpu-step-{os.getpid()}", batch_size=args.batch_size, target_batch_size=per_epoch * args.batch_size,
         ), device)
         try:
@@ -181,7 +183,7 @@ def run(args: argparse.Namespace, device: torch.device, dht: Optional[Any]) -> s
             assert trainer.local_epoch >= args.epochs, f"only {trainer.local_epoch} global epochs ran"
         finally:
             trainer.shutdown()
-        results.append((f"miner step, alone (`SwarmTrainer`, AdamW every {per_epoch} batches)",
+        results.append((f"miner step, alone (`GradientAveragingTrainer`, AdamW every {per_epoch} batches)",
                         per_epoch * args.epochs, seconds))
 
     rows = []

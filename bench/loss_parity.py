@@ -4,11 +4,11 @@ For each training mode (`swarm`: one AdamW step per global epoch on the all-redu
 `diloco`: inner AdamW steps and an outer Nesterov step on the all-reduced pseudo-gradient), N miner
 processes train together on 127.0.0.1 through a DHT node until a fixed number of global epochs.
 The reference is one process of plain torch: the same preset, initialisation seed, optimizer
-(AdamW, betas, weight decay, clipping, constant learning rate: what `SwarmTrainer` wraps), the same
+(AdamW, betas, weight decay, clipping, constant learning rate: what `GradientAveragingTrainer` wraps), the same
 pages (the miners' own `assign_pages` streams for uids 0..N-1, interleaved), gradient accumulation
 to the swarm's `target_batch_size`, and exactly as many samples as the swarm's miners trained in
 total. Every final model is loaded from its checkpoint and evaluated by the same `page_losses` on
-held-out pages that no run trained on. A last in-process check runs one `SwarmTrainer` alone
+held-out pages that no run trained on. A last in-process check runs one `GradientAveragingTrainer` alone
 against plain AdamW on the same batches, which isolates the wrapper from the swarm.
 
     python bench/loss_parity.py [--peers 3] [--epochs 12] [--diloco-epochs 6] [--lr 5e-3] [--no-record]
@@ -70,7 +70,7 @@ def miner_args(args: argparse.Namespace, mode: str, uid: int, run_id: str, peers
 def run_swarm(args: argparse.Namespace, mode: str, work: Path) -> SwarmRun:
     """N miner processes in `mode` until their epoch limit; their checkpoints and metrics."""
     from distributed_training.logs import read_metrics
-    from distributed_training.processes import ProcessGroup
+    from distributed_training.localnet.processes import ProcessGroup
     from distributed_training.training.checkpoint import load_checkpoint
 
     run_id = f"parity-{mode}-{uuid.uuid4().hex[:6]}"
@@ -102,18 +102,11 @@ def run_swarm(args: argparse.Namespace, mode: str, work: Path) -> SwarmRun:
 
 
 def uid_stream(source, uid: int, data_seed: int, pages_per_round: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """The batches a miner of `uid` trains on when no validator asks it about pages (as `Miner._batches`)."""
-    from distributed_training.training.data import assign_pages
+    """The batches a miner of `uid` trains on when no validator asks it about pages (as the miner does)."""
+    from distributed_training.data.pages import batches, training_pages
 
-    pending: list[torch.Tensor] = []
-    round_ = 0
-    while True:
-        for page_id in assign_pages(uid, round_, data_seed, pages_per_uid=pages_per_round, num_pages=source.num_pages):
-            pending.extend(source.page(page_id))
-            while len(pending) >= batch_size:
-                yield torch.stack(pending[:batch_size])
-                pending = pending[batch_size:]
-        round_ += 1
+    return batches(source, training_pages(uid, data_seed, pages_per_round=pages_per_round,
+                                          num_pages=source.num_pages), batch_size)
 
 
 def reference_batches(args: argparse.Namespace, source, samples: int) -> list[torch.Tensor]:
@@ -137,8 +130,9 @@ def train_reference(args: argparse.Namespace, source, vocab_size: int, samples: 
     a short last step instead would still move AdamW by a full step, however few its samples.
     The points one step before and after show how far one step moves the loss there.
     """
-    from distributed_training.training.presets import build_model, get_preset
-    from distributed_training.training.swarm import ClippedAdamW, loss_and_gradients
+    from distributed_training.training.model import build_model, get_preset
+    from distributed_training.training.model import loss_and_gradients
+    from distributed_training.training.trainer import ClippedAdamW
 
     cpu = torch.device("cpu")
     model = build_model(get_preset(args.preset), vocab_size, args.seq_len, seed=args.seed)
@@ -173,8 +167,8 @@ def train_reference(args: argparse.Namespace, source, vocab_size: int, samples: 
 
 def eval_loss(args: argparse.Namespace, vocab_size: int, state: dict[str, torch.Tensor], pages) -> float:
     """Mean next-token loss over the held-out pages, by the trainers' own `page_losses`."""
-    from distributed_training.training.presets import build_model, get_preset
-    from distributed_training.training.swarm import page_losses
+    from distributed_training.training.model import build_model, get_preset
+    from distributed_training.training.model import page_losses
 
     model = build_model(get_preset(args.preset), vocab_size, args.seq_len, seed=args.seed)
     model.load_state_dict(state)
@@ -184,15 +178,17 @@ def eval_loss(args: argparse.Namespace, vocab_size: int, state: dict[str, torch.
 
 def optimizer_check(args: argparse.Namespace, source, vocab_size: int, steps: int = 3,
                     accumulate: int = 2) -> tuple[float, list[float]]:
-    """One `SwarmTrainer` alone against plain AdamW on the same batches, in this process.
+    """One `GradientAveragingTrainer` alone against plain AdamW on the same batches, in this process.
 
     With no peers the swarm optimizer's step is the plain one, so any difference is the wrapper's:
     returns the offloaded optimizer's step count before training, and the largest parameter
     difference after each step.
     """
-    from distributed_training.training.dht import DHTSettings, start_dht
-    from distributed_training.training.presets import build_model, get_preset
-    from distributed_training.training.swarm import ClippedAdamW, SwarmSettings, SwarmTrainer, loss_and_gradients
+    from distributed_training.swarm.dht import DHTSettings, start_dht
+    from distributed_training.training.model import build_model, get_preset
+    from distributed_training.training.gradient_averaging import GradientAveragingTrainer
+    from distributed_training.training.model import loss_and_gradients
+    from distributed_training.training.trainer import ClippedAdamW, TrainerSettings
 
     cpu = torch.device("cpu")
     stream = uid_stream(source, 0, args.data_seed, args.pages_per_round, args.batch_size)
@@ -201,8 +197,8 @@ def optimizer_check(args: argparse.Namespace, source, vocab_size: int, steps: in
     optimizer = ClippedAdamW(plain.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                              max_grad_norm=args.grad_clip)
     dht = start_dht(DHTSettings(port=0, host_ip="127.0.0.1"))
-    trainer = SwarmTrainer(build_model(get_preset(args.preset), vocab_size, args.seq_len, seed=args.seed), dht,
-                           SwarmSettings(run_id=f"parity-check-{uuid.uuid4().hex[:6]}", batch_size=args.batch_size,
+    trainer = GradientAveragingTrainer(build_model(get_preset(args.preset), vocab_size, args.seq_len, seed=args.seed), dht,
+                           TrainerSettings(run_id=f"parity-check-{uuid.uuid4().hex[:6]}", batch_size=args.batch_size,
                                          target_batch_size=args.batch_size * accumulate, matchmaking_time=1.0,
                                          lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip), cpu)
     try:
@@ -252,14 +248,14 @@ def main() -> None:
         parser.error("--target-batch-size must be a multiple of --batch-size")
     torch.set_num_threads(args.threads)
 
-    from distributed_training.neuron_setup import build_data
+    from distributed_training.neuron.setup import build_data
     from distributed_training.config import parse_config
-    from distributed_training.training.swarm import SwarmSettings
+    from distributed_training.training.trainer import TrainerSettings
 
     # The optimizer's fixed hyper-parameters come from the miner's own defaults, so the reference follows them.
     defaults = parse_config("miner", [], env={}, dotenv_path=Path(os.devnull))
     args.weight_decay, args.grad_clip = defaults.neuron.weight_decay, defaults.neuron.grad_clip
-    assert (SwarmSettings.weight_decay, SwarmSettings.grad_clip) == (args.weight_decay, args.grad_clip)
+    assert (TrainerSettings.weight_decay, TrainerSettings.grad_clip) == (args.weight_decay, args.grad_clip)
     config = parse_config("miner", ["--model.preset", args.preset, "--model.seq_len", str(args.seq_len)], env={},
                           dotenv_path=Path(os.devnull))
     _, _, tokenizer, source = build_data(config)
@@ -283,7 +279,7 @@ def main() -> None:
 
     check_step, check_diffs = optimizer_check(args, source, tokenizer.vocab_size)
 
-    from distributed_training.training.presets import build_model, get_preset
+    from distributed_training.training.model import build_model, get_preset
 
     vocab = tokenizer.vocab_size
     initial = eval_loss(args, vocab, build_model(get_preset(args.preset), vocab, args.seq_len, seed=args.seed)
@@ -325,7 +321,7 @@ def main() -> None:
                  f"samples per step (the swarm's count spread evenly over the nearest whole number of steps), "
                  f"accumulated from batches of {args.batch_size} drawn in turn from uids 0..{args.peers - 1}'s "
                  f"page assignments (the miners' own streams); {reference_s:.0f} s for both.")
-    notes.append(f"- Wrapper check: one `SwarmTrainer` alone against plain AdamW on the same batches (a step "
+    notes.append(f"- Wrapper check: one `GradientAveragingTrainer` alone against plain AdamW on the same batches (a step "
                  f"every {2 * args.batch_size} samples): largest parameter difference "
                  f"{', '.join(f'{d:.2g}' for d in check_diffs)} after steps 1..{len(check_diffs)}; hivemind's "
                  f"AdamW had already counted {check_step:g} step(s) before training.")

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from report import record, table  # noqa: E402
 
 from distributed_training.logs import read_metrics  # noqa: E402
-from distributed_training.netlab import NetLab, remove_stale  # noqa: E402
-from distributed_training.processes import ProcessGroup  # noqa: E402
+from distributed_training.localnet.netlab import NetLab, remove_stale  # noqa: E402
+from distributed_training.localnet.processes import ProcessGroup  # noqa: E402
 
 BYTES_PER_VALUE = {"none": 4, "fp16": 2, "uint8": 1}
 COMPUTE_TARGET, BYTES_TARGET = 0.90, 1.25

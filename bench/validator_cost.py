@@ -38,18 +38,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from distributed_training.training.data import assign_pages, make_page_source
-    from distributed_training.training.dht import DHTSettings, start_dht
-    from distributed_training.training.presets import build_model, get_preset
+    from distributed_training.data.pages import assign_pages
+    from distributed_training.data.sources import make_page_source
+    from distributed_training.swarm.dht import DHTSettings, start_dht
+    from distributed_training.training.model import build_model, get_preset
     from distributed_training.training.snapshots import ModelSnapshots
-    from distributed_training.training.swarm import SwarmSettings, SwarmTrainer
-    from distributed_training.training.tokenizer import load_tokenizer
+    from distributed_training.training.gradient_averaging import GradientAveragingTrainer
+    from distributed_training.training.trainer import TrainerSettings
+    from distributed_training.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer("local")
     source = make_page_source("local", tokenizer=tokenizer, seq_len=args.seq_len, page_size=args.page_size)
     model = build_model(get_preset(args.preset), tokenizer.vocab_size, args.seq_len, seed=0)
     dht = start_dht(DHTSettings(port=0, host_ip="127.0.0.1"))
-    trainer = SwarmTrainer(model, dht, SwarmSettings(run_id=f"bench-{os.getpid()}", batch_size=args.batch_size,
+    trainer = GradientAveragingTrainer(model, dht, TrainerSettings(run_id=f"bench-{os.getpid()}", batch_size=args.batch_size,
                                                      target_batch_size=10**9), torch.device("cpu"))
     snapshots = ModelSnapshots(model, keep=1)
     snapshots.add(0, trainer.shared_state())

@@ -61,17 +61,18 @@ class PlainLoop:
 
 
 class SwarmLoop:
-    """The miner's loop: SwarmTrainer.train_batch per batch, alone in a fresh DHT and run."""
+    """The miner's loop: GradientAveragingTrainer.train_batch per batch, alone in a fresh DHT and run."""
 
     def __init__(self, model: torch.nn.Module, accumulate: int, batch_size: int, matchmaking_time: float, tag: str):
-        from distributed_training.training.dht import DHTSettings, start_dht
-        from distributed_training.training.swarm import SwarmSettings, SwarmTrainer
+        from distributed_training.swarm.dht import DHTSettings, start_dht
+        from distributed_training.training.gradient_averaging import GradientAveragingTrainer
+        from distributed_training.training.trainer import TrainerSettings
 
         # A DHT of its own per swarm run, so no hivemind process is alive during the plain runs.
         self.dht = start_dht(DHTSettings(port=0, host_ip="127.0.0.1"))
-        settings = SwarmSettings(run_id=f"bench-{os.getpid()}-{tag}", batch_size=batch_size,
+        settings = TrainerSettings(run_id=f"bench-{os.getpid()}-{tag}", batch_size=batch_size,
                                  target_batch_size=batch_size * accumulate, matchmaking_time=matchmaking_time, lr=LR)
-        self.trainer = SwarmTrainer(model, self.dht, settings, torch.device("cpu"))
+        self.trainer = GradientAveragingTrainer(model, self.dht, settings, torch.device("cpu"))
         self.accumulate, self.batches = accumulate, 0
 
     def train(self, data: Sequence[torch.Tensor]) -> None:
@@ -155,9 +156,9 @@ def main() -> None:
         parser.error("--steps and --warmup must be multiples of --accumulate, so each window holds whole epochs")
     torch.set_num_threads(args.threads)
 
-    from distributed_training.training.data import make_page_source
-    from distributed_training.training.presets import build_model, get_preset
-    from distributed_training.training.tokenizer import load_tokenizer
+    from distributed_training.data.sources import make_page_source
+    from distributed_training.training.model import build_model, get_preset
+    from distributed_training.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer("local")
     source = make_page_source("local", tokenizer=tokenizer, seq_len=args.seq_len, page_size=4)

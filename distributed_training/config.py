@@ -21,13 +21,10 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from dotenv import dotenv_values
 
-MODEL_PRESETS = ("tiny", "gpt2-124m", "gpt2-250m", "gpt2-677m")
-DATA_SOURCES = ("local", "hf")
-COMPRESSIONS = ("none", "fp16", "uint8")
-EMBEDDED_NETWORK = "embedded"
+from .spec import COMPRESSIONS, DATA_SOURCES, MODEL_PRESETS, TRAINING_MODES
+
+EMBEDDED_NETWORK = "embedded"  # not "local": bittensor already names a localnet subtensor node so
 BITTENSOR_NETWORKS = ("finney", "test", "local", "archive")
-BEHAVIOURS = ("honest", "dead", "liar", "copycat", "lazy", "stale")
-TRAINING_MODES = ("swarm", "diloco")
 
 
 class ConfigError(ValueError):
@@ -186,7 +183,7 @@ def _common_flags() -> list[Flag]:
              is_switch=True, roles=("miner",)),
         Flag("neuron.uid", _non_negative_int, None, "uid whose pages to train on when not reading it from the chain"),
         Flag("neuron.pages_per_round", _positive_int, 16, "pages a uid is assigned per round"),
-        Flag("model.preset", str, "tiny", "model size", choices=MODEL_PRESETS),
+        Flag("model.preset", str, "tiny", "model size", choices=tuple(MODEL_PRESETS)),
         Flag("model.seq_len", _positive_int, None, "tokens per sequence (default: the preset's)"),
         Flag("data.source", str, "local", "local: the shipped corpus offline; hf: a Hugging Face dataset",
              choices=DATA_SOURCES),
@@ -204,10 +201,6 @@ def _common_flags() -> list[Flag]:
 
 def _role_flags() -> list[Flag]:
     return [
-        Flag("neuron.behaviour", str, "honest", "test-only: make this miner misbehave", choices=BEHAVIOURS,
-             roles=("miner",)),
-        Flag("neuron.copy_uid", _non_negative_int, None, "test-only: the uid a copycat miner copies",
-             roles=("miner",)),
         Flag("blacklist.min_stake", _non_negative_float, 0.0,
              "reject validators with less stake than this", roles=("miner",)),
         Flag("neuron.sample_size", _positive_int, 8, "miners queried per round", roles=("validator",)),
@@ -334,8 +327,6 @@ def _check_cross_field(config: SimpleNamespace) -> None:
     device = config.neuron.device
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise ConfigError(f"--neuron.device: {device!r} is not auto, cpu, cuda or cuda:N")
-    if getattr(config.neuron, "behaviour", "honest") == "copycat" and config.neuron.copy_uid is None:
-        raise ConfigError("--neuron.behaviour copycat needs --neuron.copy_uid (the uid to copy)")
 
 
 def state_dir(config: SimpleNamespace) -> Path:

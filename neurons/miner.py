@@ -1,4 +1,4 @@
-"""Miner entry point: flags, then distributed_training.miner.Miner."""
+"""Miner entry point: flags, then distributed_training.neuron.miner.Miner."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distributed_training.entry import run_neuron
+    from distributed_training.neuron.entry import run_neuron
 
     def make(config):
-        from distributed_training.miner import Miner
+        from distributed_training.neuron.miner import Miner
 
         return Miner(config)
 

@@ -1,4 +1,4 @@
-"""Validator entry point: flags, then distributed_training.validator.Validator."""
+"""Validator entry point: flags, then distributed_training.neuron.validator.Validator."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distributed_training.entry import run_neuron
+    from distributed_training.neuron.entry import run_neuron
 
     def make(config):
-        from distributed_training.validator import Validator
+        from distributed_training.neuron.validator import Validator
 
         return Validator(config)
 

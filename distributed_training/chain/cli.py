@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..identity import DEFAULT_WALLET_PATH, WalletError, create_wallet, load_wallet
+from .wallets import DEFAULT_WALLET_PATH, WalletError, create_wallet, load_wallet
 from .base import ChainError, Metagraph
 from .local import DEFAULT_TEMPO, LocalChain
 

@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
+from ..config import EMBEDDED_NETWORK
 from .base import (
     Chain,
     ChainError,
@@ -33,8 +34,6 @@ from .base import (
     normalize_weights,
 )
 
-# Not "local": bittensor already uses that name for a localnet subtensor node.
-EMBEDDED_NETWORK = "embedded"
 # Subtensor's default tempo, so local runs mirror mainnet epoch pacing.
 DEFAULT_TEMPO = 360
 DEFAULT_BUSY_TIMEOUT_S = 30.0

@@ -1,1 +1,1 @@
-"""training layer of distributed-training."""
+"""Training: one Trainer interface, its two modes (gradient averaging and DiLoCo), the model, checkpoints."""

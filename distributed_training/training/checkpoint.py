@@ -1,17 +1,18 @@
 """Atomic local checkpoints.
 
-A miner killed mid-write must never lose its last good checkpoint: torch.save goes to a
-temporary file in the same directory, which is fsynced and renamed over the old one.
+A miner killed mid-write must never lose its last good checkpoint, so `torch.save` goes through
+`files.atomic_write` (a temporary file beside the old one, fsynced, then renamed over it).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from ..files import atomic_write
+from ..spec import RunSpec, SpecMismatch
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -23,26 +24,17 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     """Save `state` (model/optimizer state dicts, epoch, identity of the run) atomically."""
-    path = Path(directory) / CHECKPOINT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"format": FORMAT_VERSION, **state}, tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(Path(directory) / CHECKPOINT_NAME,
+                        lambda handle: torch.save({"format": FORMAT_VERSION, **state}, handle))
 
 
-def load_checkpoint(directory: Path, expect: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
+def load_checkpoint(directory: Path, expect: Optional[dict[str, Any]] = None,
+                    spec: Optional[RunSpec] = None) -> Optional[dict[str, Any]]:
     """Load the checkpoint in `directory`, or None if there is none.
 
-    `expect` holds identity fields (run id, preset, tokenizer digest...) that must match, so a
-    miner never resumes a different run's weights after an operator changes flags.
+    `spec` is the run spec the checkpoint must have been saved under (its "spec" field), and
+    `expect` any further fields that must match, so a miner never resumes another run's weights
+    after an operator changes flags; a mismatch names the differing fields.
     """
     path = Path(directory) / CHECKPOINT_NAME
     if not path.exists():
@@ -55,6 +47,11 @@ def load_checkpoint(directory: Path, expect: Optional[dict[str, Any]] = None) ->
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint; move it aside to start fresh")
     if state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format {state.get('format')}, expected {FORMAT_VERSION}; move it aside")
+    if spec is not None:
+        try:
+            spec.check_matches(RunSpec.from_dict(state.get("spec") or {}), f"the checkpoint {path}")
+        except SpecMismatch as exc:
+            raise CheckpointError(f"{exc}; point --neuron.state_dir elsewhere or move the checkpoint aside") from None
     for key, value in (expect or {}).items():
         if state.get(key) != value:
             raise CheckpointError(

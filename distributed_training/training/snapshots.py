@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .swarm import page_losses
+from .model import page_losses
 
 StateDict = dict[str, torch.Tensor]
 

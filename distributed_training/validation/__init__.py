@@ -1,1 +1,1 @@
-"""validation layer of distributed-training."""
+"""Validation: following the swarm's model, verifying miners' answers, scoring, the score book."""

@@ -1,0 +1,1 @@
+"""Operator tools: dt-dht, dt-monitor, dt-check-compute, and the optional wandb sink."""

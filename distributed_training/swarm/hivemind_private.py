@@ -1,0 +1,250 @@
+"""hivemind's private surface: every override of a private method, private attribute and patch, in one place.
+
+This project extends hivemind 1.1.12 where its public API has no hook:
+- `fix_8bit_decoding`: 8-bit tensors decode wrongly under numpy 2 (a patch of `Quantization.extract`);
+- `GroupRecordingOptimizer`: `hivemind.Optimizer` that records each all-reduce's group size, times
+  its blocking calls and does not poll the DHT for partners while alone (overrides private methods);
+- `ConsensusAllReduceRunner` and `PseudoGradientAverager`: the butterfly all-reduce changed so that
+  every member of a group decodes the very same bits, and a round in which any part failed is an
+  error rather than a silent partial average (overrides the runner's and averager's private methods).
+
+Each depends on code that hivemind may change in any release, so importing this module checks the
+installed version first and refuses any other with one line (`HivemindVersionError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Optional
+
+import hivemind
+import numpy as np
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
+from hivemind.averaging.partition import BannedException
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor, quantization
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
+from hivemind.utils.timed_storage import get_dht_time
+
+from . import HivemindVersionError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_HIVEMIND = "1.1.12"
+
+
+def check_hivemind_version(installed: str = hivemind.__version__) -> None:
+    """The overrides below are written against one hivemind release; any other is refused."""
+    if installed != SUPPORTED_HIVEMIND:
+        raise HivemindVersionError(
+            f"hivemind {installed} is installed, but this release of distributed-training supports only "
+            f"hivemind {SUPPORTED_HIVEMIND}; reinstall with `bash scripts/install.sh`")
+
+
+check_hivemind_version()
+
+
+# --- 8-bit decoding under numpy 2 ---------------------------------------------------------------------
+# hivemind's `Quantization.extract` reads the codebook size with `int()` on a one-element numpy array,
+# which numpy 2 refuses; every 8-bit part then fails to decode and the all-reduce silently keeps each
+# peer's local values for it (measured: 41.7 % of the values averaged). The wire format is unchanged.
+def _extract(self, serialized) -> torch.Tensor:
+    codebook_size = int(np.frombuffer(serialized.buffer, count=1, dtype=np.int64)[0])
+    codebook = np.frombuffer(serialized.buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
+    indices = np.frombuffer(serialized.buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+    indices = torch.as_tensor(indices, dtype=torch.int64).reshape(tuple(serialized.size))
+    values = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized.dtype))[indices]
+    return values.requires_grad_(serialized.requires_grad)
+
+
+def fix_8bit_decoding() -> None:
+    quantization.Quantization.extract = _extract
+
+
+fix_8bit_decoding()  # on import, so every path that decodes 8-bit tensors (both training modes) gets it
+
+
+# --- gradient averaging: hivemind.Optimizer -----------------------------------------------------------
+class GroupRecordingOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer that remembers how many peers the last gradient all-reduce included.
+
+    The group size is the only direct evidence that an epoch was really trained together, and
+    hivemind only logs it; we keep it for the miner's metrics and for tests. It also times the two
+    places where a step blocks on the swarm (the gradient all-reduce, with its wait for the group,
+    and state loading); matchmaking and state averaging run on hivemind's threads meanwhile.
+    """
+
+    last_group_size: Optional[int] = None
+
+    def __init__(self, *args: Any, timing: Any, **kwargs: Any):
+        """`timing` is the trainer's `TimeSplit`: the blocking calls below count as communication in it."""
+        self.timing = timing  # before hivemind's constructor, which may already call the methods below
+        super().__init__(*args, **kwargs)
+
+    @torch.no_grad()
+    def copy_parameters_to_offloaded(self) -> None:
+        """After the model's parameters were overwritten (a restored checkpoint), the copies the
+        offloaded optimizer updates must hold the same values, or its next step undoes the restore."""
+        offloaded = [p for group in self.opt.param_groups for p in group["params"]]
+        for main, copy in zip(self.state_averager.main_parameters, offloaded):
+            copy.copy_(main)
+
+    def _update_global_epoch(self, grad_scaler):
+        self.last_group_size = 1  # alone unless the all-reduce below records a group
+        super()._update_global_epoch(grad_scaler)
+
+    # Alone, hivemind still pre-schedules a round `matchmaking_time` before each epoch, and its
+    # matchmaking then polls the DHT in a tight loop (empty leader queue -> fetch again) until the
+    # epoch cancels the round for want of peers: with the default 15 s that is every step of a
+    # short epoch, and the averager and DHT processes burned more CPU than training itself. Only
+    # pre-schedule once another peer reports progress; hivemind's own epoch code starts a round
+    # on the spot when one has joined (`_begin_averaging_gradients`), so nobody is left out.
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        if self.tracker.global_progress.num_peers > 1:
+            super()._maybe_schedule_gradient_averaging()
+
+    def _maybe_schedule_state_averaging(self) -> None:
+        if self.tracker.global_progress.num_peers > 1:
+            super()._maybe_schedule_state_averaging()
+
+    def load_state_from_peers(self, **kwargs):
+        with self.timing.communicating():
+            super().load_state_from_peers(**kwargs)
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+        with self.timing.communicating():
+            super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        size = 1
+        control = maybe_step_control
+        if control is not None and control.done() and not control.cancelled():
+            with contextlib.suppress(BaseException):
+                size = len(control.result(0))
+        self.last_group_size = size
+
+
+# --- the consensus all-reduce (DiLoCo) ----------------------------------------------------------------
+_deserialize = deserialize_torch_tensor
+
+
+
+class ConsensusAllReduceRunner(AllReduceRunner):
+    """hivemind's butterfly all-reduce, changed so that every member of the group gets the same bits.
+
+    hivemind returns to each sender `average - its own part`, compressed, and lets a failed reducer's
+    parts silently keep the local values. Here a reducer returns the average itself, compressed
+    once (the same bytes for every sender), its own part goes through the same compression, and
+    outputs are absolute values; `failed_size` tells the averager whether any part failed.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._compressed_results: dict[int, Any] = {}
+
+    def _compress_result(self, part_index: int, averaged_part: torch.Tensor):
+        cached = self._compressed_results.get(part_index)
+        if cached is None:  # concurrent senders may compute it twice; the result is the same
+            compression = self.tensor_part_container.compression
+            cached = compression.compress(averaged_part, CompressionInfo.from_tensor(averaged_part), allow_inplace=False)
+            self._compressed_results[part_index] = cached
+        return cached
+
+    async def _communicate_with_peer(self, peer_id):
+        """Send our parts to `peer_id`'s reducer and register the averages it returns (ours: as others get them)."""
+        loop = asyncio.get_event_loop()
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        if peer_id == self.peer_id:
+            sender_index = self.sender_peer_ids.index(peer_id)
+            for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+                averaged_part = await self.tensor_part_reducer.accumulate_part(
+                    sender_index, part_index, tensor_part, weight=self.weight)
+                as_sent = await loop.run_in_executor(
+                    None, lambda: _deserialize(self._compress_result(part_index, averaged_part)))
+                self.tensor_part_container.register_processed_part(peer_index, part_index, as_sent)
+            return
+        try:  # hivemind's sender loop, with our decoder
+            done_sending = asyncio.Event()
+            inputs_aiter = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+
+            def _decode(msg):
+                if msg.code != averaging_pb2.AVERAGED_PART:
+                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
+                return _deserialize(msg.tensor_part)
+
+            part_index = 0
+            async for averaged_part in amap_in_executor(_decode, aiter_with_timeout(stream, self.reducer_timeout),
+                                                        max_prefetch=self.tensor_part_container.prefetch):
+                self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
+                part_index += 1
+            if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
+                raise AllreduceException(f"peer {peer_id} sent {part_index} parts, expected "
+                                         f"{self.tensor_part_container.num_parts_by_peer[peer_index]}")
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                logger.debug("all-reduce with %s failed: %r", peer_id, exc, exc_info=True)
+            self.tensor_part_container.register_failed_reducer(peer_index)
+            raise
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        """hivemind's reducer loop, returning the compressed average instead of a per-sender delta."""
+        part_index = 0
+        try:
+            loop = asyncio.get_event_loop()
+            async for tensor_part, weight in amap_in_executor(
+                lambda msg: (_deserialize(msg.tensor_part), msg.weight), stream,
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                try:
+                    averaged_part = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, tensor_part, weight=weight)
+                except BannedException:
+                    break  # the sender was banned; its parts no longer count
+                serialized = await loop.run_in_executor(None, self._compress_result, part_index, averaged_part)
+                part_index += 1
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+class PseudoGradientAverager(DecentralizedAverager):
+    """Averages the pseudo-gradient buffers with `ConsensusAllReduceRunner`; serves θ_global to joiners.
+
+    `state_source` is set by the trainer: a callable returning (metadata, tensors) of the state
+    peers download. It runs in this (the host) process, on hivemind's state-fetching thread.
+    """
+
+    state_source = None
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = ConsensusAllReduceRunner(
+            p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids, **kwargs)
+        assert group_id in self._running_groups, f"group {group_id} was not registered"
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
+            async for _ in runner:
+                raise ValueError("auxiliary peers do not receive averaged tensors")
+            return
+        averaged = [tensor async for tensor in runner]
+        failed = runner.tensor_part_container.failed_size
+        if failed:
+            raise AllreduceException(f"{failed} of {runner.tensor_part_container.total_size} values were not "
+                                     "averaged (a reducer failed); not using a partial average")
+        for tensor, value in zip(tensors, averaged):
+            tensor.copy_(value)
+        self.last_updated = get_dht_time()
+        self._state_updated.set()
+
+    def get_current_state(self):
+        if self.state_source is None:
+            return dict(format=None), [], None
+        metadata, tensors = self.state_source()
+        return metadata, tensors, None

@@ -1,0 +1,44 @@
+"""The local swarm end to end: embedded chain, a validator and miners as separate processes.
+
+Three honest miners and one of each cheating kind; the validator must rank every honest miner
+above every cheater, score the dead miner 0.1 and the liar and the stale miner 0.3 or less.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from distributed_training.localnet.processes import REPO_ROOT
+
+TIME_LIMIT = 8 * 60
+
+
+def test_local_swarm_ranks_honest_miners_above_every_adversary(tmp_path):
+    summary_path, plot = tmp_path / "summary.json", tmp_path / "loss.png"
+    command = [sys.executable, "-m", "distributed_training.localnet.cli", "--miners", "3", "--dead", "1", "--liars", "1",
+               "--copycats", "1", "--lazy", "1", "--stale", "1", "--rounds", "4",
+               "--work-dir", str(tmp_path / "net"), "--summary-json", str(summary_path), "--plot", str(plot)]
+    started = time.monotonic()
+    # The command stops its own children on every exit path, a timeout included (SIGTERM).
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIME_LIMIT + 60, cwd=REPO_ROOT)
+    elapsed = time.monotonic() - started
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert elapsed < TIME_LIMIT, f"local swarm took {elapsed:.0f}s"
+
+    summary = json.loads(summary_path.read_text())
+    assert summary["rounds"] == 4
+    miners = {m["uid"]: m for m in summary["miners"]}
+    honest = [m for m in miners.values() if m["behaviour"] == "honest"]
+    cheaters = [m for m in miners.values() if m["behaviour"] != "honest"]
+    assert len(honest) == 3 and len(cheaters) == 5
+    assert min(m["weight"] for m in honest) > max(m["weight"] for m in cheaters), summary
+    by_kind = {m["behaviour"]: m for m in cheaters}
+    assert by_kind["dead"]["last_score"] == 0.1
+    assert by_kind["dead"]["answered"] == 0
+    assert by_kind["liar"]["last_score"] <= 0.3
+    assert by_kind["stale"]["last_score"] <= 0.3
+    assert plot.stat().st_size > 1000
