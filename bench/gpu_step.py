@@ -115,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     dht = None
     if not args.no_swarm:
-        # The DHT forks a process, so it starts before anything initialises CUDA (as in neuron_setup).
+        # The DHT forks a process, so it starts before anything initialises CUDA (as in neuron/setup.py).
         from distributed_training.swarm.dht import DHTSettings, start_dht
 
         dht = start_dht(DHTSettings(port=0, host_ip="127.0.0.1"))

@@ -2,7 +2,7 @@
 
 Runs `--peers` miner processes (`--neuron.swarm_only`) and a routing DHT node in both training modes.
 By default every peer sits in its own network namespace on a bridge, its link shaped with `tc tbf`
-to `--rate-mbit` each way (`distributed_training/netlab.py`; needs root); `--rate-mbit 0` leaves
+to `--rate-mbit` each way (`distributed_training/localnet/netlab.py`; needs root); `--rate-mbit 0` leaves
 the links unshaped and `--loopback` runs everything on 127.0.0.1 without namespaces (no byte counts).
 
 Per peer, between its first and its last epoch row in metrics.jsonl (so start-up and the wait for

@@ -16,20 +16,20 @@ EXIT_OPERATOR_ERROR = 2
 
 
 def _operator_errors() -> tuple[type[BaseException], ...]:
-    from ..data.assets import AssetsError
     from ..chain import ChainError
-    from ..config import ConfigError
     from ..chain.wallets import WalletError
-    from .setup import NotRegisteredError
-    from ..training.checkpoint import CheckpointError
+    from ..config import ConfigError
+    from ..data.assets import AssetsError
     from ..data.pages import DataSourceError
-    from ..swarm.dht import DHTBootstrapError
-    from ..training.model import DeviceError
     from ..data.tokenizer import TokenizerError
-    from ..transport import PortInUseError
     from ..spec import SpecMismatch
     from ..swarm import HivemindVersionError
+    from ..swarm.dht import DHTBootstrapError
+    from ..training.checkpoint import CheckpointError
+    from ..training.model import DeviceError
+    from ..transport import PortInUseError
     from ..validation.scoring import ScoreBookError
+    from .setup import NotRegisteredError
 
     return (AssetsError, ChainError, ConfigError, WalletError, NotRegisteredError, CheckpointError,
             DataSourceError, DHTBootstrapError, TokenizerError, PortInUseError, DeviceError, ScoreBookError,

@@ -98,11 +98,11 @@ class Miner:
         parts.trainer.catch_up()
         self.snapshot()
         self._publish_record()
+        self.metrics.write("start", kind=self.kind, uid=self.uid, peer_id=parts.peer_id,
+                           params=parts.num_params, epoch=parts.trainer.local_epoch, spec=parts.spec.digest)
         if self.config.neuron.wait_for_peers:
             logger.info("waiting for %d miners of run %s", self.config.neuron.wait_for_peers, self.config.neuron.run_id)
             parts.records.wait_for(self.config.neuron.wait_for_peers, timeout=self.config.dht.bootstrap_timeout)
-        self.metrics.write("start", kind=self.kind, uid=self.uid, peer_id=parts.peer_id,
-                           params=parts.num_params, epoch=parts.trainer.local_epoch, spec=parts.spec.digest)
 
     def _shutdown(self) -> None:
         self.stop_event.set()
@@ -153,7 +153,7 @@ class Miner:
         logger.info("epoch %d | step %d | loss %.4f | %.1f samples/s | peers %d | averaged with %s",
                     report.epoch, self.step, mean_loss, rate, trainer.num_peers, report.group_size)
         self.metrics.write("epoch", epoch=report.epoch, step=self.step, loss=mean_loss, samples_per_s=rate,
-                           group_size=report.group_size, peers=trainer.num_peers,
+                           group_size=report.group_size, group=report.group, peers=trainer.num_peers,
                            samples_trained=trainer.samples_trained,
                            # cumulative; differences between epochs split wall time into compute and network
                            **trainer.timing.as_fields())

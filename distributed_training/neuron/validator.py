@@ -16,18 +16,18 @@ import time
 from types import SimpleNamespace
 from typing import Optional
 
+from .. import PROTOCOL_VERSION
 from ..config import state_dir
-from .entry import install_stop_handlers
-from ..logs import MetricsLog
-from .setup import build_neuron_parts, open_identity
-from ..protocol import WORK_PATH, WorkRequest, WorkResponse, response_mismatch
 from ..data.pages import assign_pages
-from ..validation.follower import SwarmFollower
+from ..logs import MetricsLog
+from ..ops.wandb_sink import open_wandb
+from ..protocol import WORK_PATH, WorkRequest, WorkResponse, response_mismatch
 from ..transport import MinerClient, Target
+from ..validation.follower import SwarmFollower
 from ..validation.scoring import ScoreBook
 from ..validation.verify import Tolerance, Verdict, judge, matching_epoch, no_response
-from ..ops.wandb_sink import open_wandb
-from .. import PROTOCOL_VERSION
+from .entry import install_stop_handlers
+from .setup import build_neuron_parts, open_identity
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class Validator:
         cfg = self.config
         self.follower.poll_progress()
         self.follower.refresh()
+        self.parts.spec_records.refresh()
         metagraph = self.identity.metagraph(max_age=0)
         block = metagraph.block
         self.book.forget_missing({n.uid: n.hotkey for n in metagraph.neurons})

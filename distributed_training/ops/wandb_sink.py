@@ -1,8 +1,8 @@
 """Optional Weights & Biases logging of the events neurons already write to metrics.jsonl.
 
-wandb is never required: peer discovery does not use it (the seed system found peers through
-wandb runs and broke without an account), and with no API key it runs offline (local files, no
-network) or, with `--wandb.off`, not at all. Any wandb failure disables it with one warning;
+wandb is never required: peer discovery does not use it (a swarm that found its peers through
+wandb runs would break for anyone without an account), and with no API key it runs offline (local
+files, no network) or, with `--wandb.off`, not at all. Any wandb failure disables it with one warning;
 training and validation never wait on it.
 """
 

@@ -30,7 +30,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from .compression import codec, uncompressed
-from .hivemind_private import PseudoGradientAverager
+from .hivemind_private import PseudoGradientAverager, by_peer_id
 from .progress import read_peer_progress
 
 logger = logging.getLogger(__name__)
@@ -78,10 +78,6 @@ class OuterAveraging:
     @property
     def num_peers(self) -> int:
         return self.tracker.global_progress.num_peers
-
-    @property
-    def global_samples(self) -> int:
-        return self.tracker.global_progress.samples_accumulated
 
     @property
     def epoch_due(self) -> bool:
@@ -154,8 +150,8 @@ class OuterAveraging:
                         if peer != me and not record.client_mode and record.epoch >= epoch)
             return max(fresh, self.num_peers - 1)
 
-    def average(self, weight: float, epoch: int) -> Optional[dict]:
-        """One all-reduce of the buffers; the gathered {peer: {"epoch": ...}}, or None if it failed."""
+    def average(self, weight: float, epoch: int) -> Optional[dict[str, Any]]:
+        """One all-reduce of the buffers; the gathered {peer id: {"epoch": ...}}, or None if it failed."""
         with self.timing.communicating():
             control = self._take_scheduled(epoch)
             if control is not None:  # the group is (being) formed already: set this epoch's weight and go
@@ -167,7 +163,7 @@ class OuterAveraging:
             deadline = time.monotonic() + 2 * self.averaging_timeout + self.matchmaking_time
             while True:
                 try:
-                    return control.result(timeout=0.5)
+                    return by_peer_id(control.result(timeout=0.5))
                 except TimeoutError:
                     pass
                 except BaseException as exc:  # matchmaking or all-reduce failed; hivemind already logged why

@@ -9,7 +9,7 @@ from __future__ import annotations
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
 
 from ..spec import COMPRESSIONS
-from . import hivemind_private  # noqa: F401  (version check and the 8-bit decoding fix before any codec is used)
+from . import hivemind_private  # noqa: F401  (the version check and the 8-bit decoding fix, before any codec is used)
 
 CODECS: dict[str, type[CompressionBase]] = {"none": NoCompression, "fp16": Float16Compression,
                                             "uint8": Uniform8BitQuantization}

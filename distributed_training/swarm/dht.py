@@ -22,6 +22,7 @@ import hivemind
 import pydantic.v1 as pydantic
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from ..files import atomic_write_bytes
@@ -217,9 +218,11 @@ class RunSpecRecords:
     to stop honest peers from starting.
     """
 
-    def __init__(self, dht: hivemind.DHT, run_id: str):
+    def __init__(self, dht: hivemind.DHT, run_id: str, private_key: Optional[RSAPrivateKey] = None):
+        """`private_key` signs the record (default: the process-wide key, see MinerRecords); only several
+        peers in one process, as in tests, need keys of their own."""
         self.dht, self.key = dht, f"{run_id}_spec"
-        self._signer = RSASignatureValidator()  # the process-wide key (see MinerRecords)
+        self._signer = RSASignatureValidator(private_key)
         dht.add_validators([SchemaValidator(_RunSpecSchema, prefix=run_id), self._signer])
         self._spec: Optional[RunSpec] = None
 

@@ -5,7 +5,7 @@ This project extends hivemind 1.1.12 where its public API has no hook:
 - `GroupRecordingOptimizer`: `hivemind.Optimizer` that records each all-reduce's group size, times
   its blocking calls and does not poll the DHT for partners while alone (overrides private methods);
 - `ConsensusAllReduceRunner` and `PseudoGradientAverager`: the butterfly all-reduce changed so that
-  every member of a group decodes the very same bits, and a round in which any part failed is an
+  every member of a group decodes the very same bits, and an all-reduce in which any part failed is an
   error rather than a silent partial average (overrides the runner's and averager's private methods).
 
 Each depends on code that hivemind may change in any release, so importing this module checks the
@@ -78,7 +78,11 @@ class GroupRecordingOptimizer(hivemind.Optimizer):
     and state loading); matchmaking and state averaging run on hivemind's threads meanwhile.
     """
 
-    last_group_size: Optional[int] = None
+    last_group: Optional[tuple[str, ...]] = None  # peer ids of the last epoch's all-reduce; None: not averaged
+
+    @property
+    def last_group_size(self) -> Optional[int]:
+        return None if self.last_group is None else len(self.last_group)
 
     def __init__(self, *args: Any, timing: Any, **kwargs: Any):
         """`timing` is the trainer's `TimeSplit`: the blocking calls below count as communication in it."""
@@ -94,14 +98,14 @@ class GroupRecordingOptimizer(hivemind.Optimizer):
             copy.copy_(main)
 
     def _update_global_epoch(self, grad_scaler):
-        self.last_group_size = 1  # alone unless the all-reduce below records a group
+        self.last_group = (self.dht.peer_id.to_base58(),)  # alone unless the all-reduce below records a group
         super()._update_global_epoch(grad_scaler)
 
-    # Alone, hivemind still pre-schedules a round `matchmaking_time` before each epoch, and its
+    # Alone, hivemind still pre-schedules an all-reduce `matchmaking_time` before each epoch, and its
     # matchmaking then polls the DHT in a tight loop (empty leader queue -> fetch again) until the
-    # epoch cancels the round for want of peers: with the default 15 s that is every step of a
+    # epoch cancels it for want of peers: with the default 15 s that is every step of a
     # short epoch, and the averager and DHT processes burned more CPU than training itself. Only
-    # pre-schedule once another peer reports progress; hivemind's own epoch code starts a round
+    # pre-schedule once another peer reports progress; hivemind's own epoch code starts one
     # on the spot when one has joined (`_begin_averaging_gradients`), so nobody is left out.
     def _maybe_schedule_gradient_averaging(self) -> None:
         if self.tracker.global_progress.num_peers > 1:
@@ -112,18 +116,27 @@ class GroupRecordingOptimizer(hivemind.Optimizer):
             super()._maybe_schedule_state_averaging()
 
     def load_state_from_peers(self, **kwargs):
+        self.last_group = None  # an epoch reached by loading state was not averaged by this peer
         with self.timing.communicating():
             super().load_state_from_peers(**kwargs)
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
         with self.timing.communicating():
             super()._average_gradients_and_load_into_optimizer(maybe_step_control)
-        size = 1
         control = maybe_step_control
         if control is not None and control.done() and not control.cancelled():
             with contextlib.suppress(BaseException):
-                size = len(control.result(0))
-        self.last_group_size = size
+                self.last_group = peer_ids(control.result(0))
+
+
+def by_peer_id(gathered: dict) -> dict[str, Any]:
+    """What an all-reduce gathered ({PeerID: data}), keyed by base58 peer id."""
+    return {peer.to_base58() if hasattr(peer, "to_base58") else str(peer): data for peer, data in gathered.items()}
+
+
+def peer_ids(gathered: dict) -> tuple[str, ...]:
+    """The members of an all-reduce, from what it gathered, as sorted base58 ids."""
+    return tuple(sorted(by_peer_id(gathered)))
 
 
 # --- the consensus all-reduce (DiLoCo) ----------------------------------------------------------------

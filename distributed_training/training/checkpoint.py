@@ -16,6 +16,8 @@ from ..spec import RunSpec, SpecMismatch
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
+# checkpoint field -> run-spec field, for checkpoints saved before they carried the whole spec
+LEGACY_FIELDS = {"run_id": "run_id", "preset": "model_preset", "seq_len": "seq_len", "tokenizer": "tokenizer"}
 
 
 class CheckpointError(RuntimeError):
@@ -47,7 +49,10 @@ def load_checkpoint(directory: Path, expect: Optional[dict[str, Any]] = None,
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint; move it aside to start fresh")
     if state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format {state.get('format')}, expected {FORMAT_VERSION}; move it aside")
-    if spec is not None:
+    if spec is not None and "spec" not in state and LEGACY_FIELDS.keys() <= state.keys():
+        # saved by a release before run specs: its identity fields are what it can be checked on
+        expect = {**{key: getattr(spec, field) for key, field in LEGACY_FIELDS.items()}, **(expect or {})}
+    elif spec is not None:
         try:
             spec.check_matches(RunSpec.from_dict(state.get("spec") or {}), f"the checkpoint {path}")
         except SpecMismatch as exc:

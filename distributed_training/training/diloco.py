@@ -11,7 +11,7 @@ its local model to the new θ_global; one outer step is one global epoch.
 
 How it speaks to the swarm: through `swarm.averaging.OuterAveraging` (progress records, the
 pseudo-gradient all-reduce, state for joiners); its all-reduce gives every member of a group the
-very same bits even with lossy compression, and a round in which any part failed is an error for
+very same bits even with lossy compression, and an all-reduce in which any part failed is an error for
 that peer rather than a partial average (`swarm.hivemind_private.ConsensusAllReduceRunner`).
 
 When an epoch ends (sizing): by samples, as in gradient-averaging mode. The outer all-reduce starts when the swarm's
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import threading
 import time
 from typing import Any, Optional, Sequence
@@ -82,7 +81,7 @@ class DiLoCoTrainer(Trainer):
         self._local_params = [param for _, param in self.model.named_parameters()]
         self._global_params = [param for _, param in self.global_model.named_parameters()]
         self.discarded_epochs = 0  # all-reduces that failed or were thrown away, or had a non-finite own Δ
-        self.last_group_size: Optional[int] = None
+        self.last_group: Optional[tuple[str, ...]] = None  # peer ids of the last outer all-reduce
         self._epoch = 0
         self._epoch_samples = 0
         self._epoch_steps = 0
@@ -108,16 +107,8 @@ class DiLoCoTrainer(Trainer):
         return self._epoch
 
     @property
-    def global_epoch(self) -> int:
-        return self.averaging.global_epoch
-
-    @property
-    def num_peers(self) -> int:
-        return self.averaging.num_peers
-
-    @property
-    def global_samples(self) -> int:
-        return self.averaging.global_samples
+    def tracker(self) -> Any:
+        return self.averaging.tracker
 
     # -- training -------------------------------------------------------------------------------
     def _zero_grad(self) -> None:
@@ -136,7 +127,7 @@ class DiLoCoTrainer(Trainer):
         self._epoch_steps += 1
         self.averaging.report_progress(self._epoch, self._epoch_samples)
 
-        group_size = None
+        group = None
         if self.global_epoch > self._epoch:
             # the swarm finished this epoch without us: our inner work cannot join it any more
             if time.monotonic() >= self._next_catch_up_try:
@@ -145,20 +136,21 @@ class DiLoCoTrainer(Trainer):
                 self._load_state_from_peers()
         elif self._epoch_due():
             with self.averaging.not_training_time():  # the wait for the all-reduce is not training speed
-                group_size = self._end_epoch()
+                group = self._end_epoch()
         else:
             self.averaging.schedule(self._epoch)
         changed = self.local_epoch != epoch_before
+        group = group if changed else None
         return StepReport(loss=float(loss.item()), samples=samples, skipped=False, epoch=self.local_epoch,
-                          epoch_changed=changed, group_size=group_size if changed else None)
+                          epoch_changed=changed, group_size=None if group is None else len(group), group=group)
 
     def _epoch_due(self) -> bool:
         cap = self.settings.inner_steps
         return self.averaging.epoch_due or bool(cap and self._epoch_steps >= cap)
 
     # -- the end of an epoch: the outer all-reduce and step ----------------------------------------
-    def _end_epoch(self) -> Optional[int]:
-        """Average Δ with the peers of this epoch and take the outer step; the group size, or None if no step."""
+    def _end_epoch(self) -> Optional[tuple[str, ...]]:
+        """Average Δ with the peers of this epoch and take the outer step; the group's peer ids, or None if no step."""
         epoch = self._epoch
         weight = float(self._epoch_samples)
         with torch.no_grad(), self.averaging.buffers() as buffers:
@@ -176,7 +168,7 @@ class DiLoCoTrainer(Trainer):
             self._reset_local_model()
 
         if self.averaging.partners(epoch) == 0:
-            group_size = 1  # alone in the run: the outer step on this peer's own Δ
+            group = (self.dht.peer_id.to_base58(),)  # alone in the run: the outer step on this peer's own Δ
         else:
             gathered = self.averaging.average(weight, epoch)
             if gathered is None:
@@ -192,7 +184,7 @@ class DiLoCoTrainer(Trainer):
                 if ahead:
                     self._load_state_from_peers()
                 return None
-            group_size = len(gathered)
+            group = tuple(sorted(gathered))
 
         with torch.no_grad(), self._state_lock:
             with self.averaging.buffers() as buffers:
@@ -207,10 +199,10 @@ class DiLoCoTrainer(Trainer):
             self.outer_step(averaged)
             self._epoch = epoch + 1
         self._start_epoch(self._epoch)
-        self.last_group_size = group_size
-        logger.info("outer step %d: averaged with %d peer(s), ~%.1f MB sent", self._epoch, group_size,
-                    self.bytes_per_epoch(group_size) / 1e6)
-        return group_size
+        self.last_group = group
+        logger.info("outer step %d: averaged with %d peer(s), ~%.1f MB sent", self._epoch, len(group),
+                    self.bytes_per_epoch(len(group)) / 1e6)
+        return group
 
     @torch.no_grad()
     def outer_step(self, averaged_deltas: Sequence[torch.Tensor]) -> None:
@@ -296,24 +288,10 @@ class DiLoCoTrainer(Trainer):
         with self._state_lock:
             if self.device.type == "cpu":
                 return page_losses(self.global_model, pages, self.device)
-            return self._page_losses_on_device(pages)
-
-    def _page_losses_on_device(self, pages: Sequence[torch.Tensor]) -> list[float]:
-        """θ_global through the local model's module on its device, without touching the local weights."""
-        state = {name: tensor.to(self.device) for name, tensor in self.global_model.named_parameters()}
-        state.update({name: tensor.to(self.device) for name, tensor in self.global_model.named_buffers()})
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            losses = []
-            for page in pages:
-                page = page.to(self.device)
-                out = torch.func.functional_call(self.model, state, args=(), kwargs=dict(input_ids=page, labels=page))
-                loss = out.loss.float().item()
-                losses.append(loss if math.isfinite(loss) else float("nan"))
-            return losses
-        finally:
-            self.model.train(was_training)
+            # θ_global through the local model's module on its device, without touching the local weights
+            weights = {name: tensor.to(self.device) for name, tensor in self.global_model.named_parameters()}
+            weights.update({name: tensor.to(self.device) for name, tensor in self.global_model.named_buffers()})
+            return page_losses(self.model, pages, self.device, weights=weights)
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         with self._state_lock:

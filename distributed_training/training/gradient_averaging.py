@@ -59,16 +59,8 @@ class GradientAveragingTrainer(Trainer):
         return self.optimizer.local_epoch
 
     @property
-    def global_epoch(self) -> int:
-        return self.optimizer.tracker.global_epoch
-
-    @property
-    def num_peers(self) -> int:
-        return self.optimizer.tracker.global_progress.num_peers
-
-    @property
-    def global_samples(self) -> int:
-        return self.optimizer.tracker.global_progress.samples_accumulated
+    def tracker(self) -> Any:
+        return self.optimizer.tracker
 
     # -- training -------------------------------------------------------------------------------
     def _load_state_from_peers(self) -> bool:
@@ -88,8 +80,9 @@ class GradientAveragingTrainer(Trainer):
         self._zero_grad()
         self.samples_trained += samples
         changed = self.local_epoch != epoch_before
+        group = self.optimizer.last_group if changed else None
         return StepReport(loss=float(loss.item()), samples=samples, skipped=False, epoch=self.local_epoch,
-                          epoch_changed=changed, group_size=self.optimizer.last_group_size if changed else None)
+                          epoch_changed=changed, group_size=None if group is None else len(group), group=group)
 
     # -- the model every peer holds this epoch ----------------------------------------------------
     @torch.no_grad()

@@ -98,15 +98,24 @@ def loss_and_gradients(model: torch.nn.Module, inputs: torch.Tensor,
 
 
 @torch.no_grad()
-def page_losses(model: torch.nn.Module, pages: Sequence[torch.Tensor], device: torch.device) -> list[float]:
-    """Per-page mean loss in eval mode and float32, so any two machines agree closely."""
+def page_losses(model: torch.nn.Module, pages: Sequence[torch.Tensor], device: torch.device,
+                weights: Optional[dict[str, torch.Tensor]] = None) -> list[float]:
+    """Per-page mean loss in eval mode and float32, so any two machines agree closely.
+
+    With `weights` (parameters and buffers by name, on `device`), `model`'s module runs with those
+    instead of its own, which stay untouched (DiLoCo evaluates θ_global through the local model).
+    """
     was_training = model.training
     model.eval()
     try:
         losses = []
         for page in pages:
             page = page.to(device)
-            loss = model(input_ids=page, labels=page).loss.float().item()
+            if weights is None:
+                out = model(input_ids=page, labels=page)
+            else:
+                out = torch.func.functional_call(model, weights, args=(), kwargs=dict(input_ids=page, labels=page))
+            loss = out.loss.float().item()
             losses.append(loss if math.isfinite(loss) else float("nan"))
         return losses
     finally:

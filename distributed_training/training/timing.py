@@ -25,7 +25,7 @@ class TimeSplit:
     def __init__(self) -> None:
         self.compute_seconds = 0.0
         self.communicate_seconds = 0.0
-        self._depth = 0  # a communication inside another (state loading after a failed round) counts once
+        self._depth = 0  # a communication inside another (state loading after a failed all-reduce) counts once
 
     @contextmanager
     def step(self) -> Iterator[None]:

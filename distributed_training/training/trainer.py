@@ -52,7 +52,8 @@ class StepReport:
     skipped: bool
     epoch: int
     epoch_changed: bool
-    group_size: Optional[int]  # peers in the epoch's all-reduce, when the epoch changed
+    group_size: Optional[int]  # peers in the epoch's all-reduce, when the epoch changed (None: loaded, not averaged)
+    group: Optional[tuple[str, ...]] = None  # their peer ids, sorted
 
 
 class ClippedAdamW(torch.optim.AdamW):
@@ -101,15 +102,20 @@ class Trainer(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def global_epoch(self) -> int: ...
+    def tracker(self) -> Any:
+        """This peer's progress tracker (hivemind's `ProgressTracker`, made in `swarm/`)."""
 
     @property
-    @abc.abstractmethod
-    def num_peers(self) -> int: ...
+    def global_epoch(self) -> int:
+        return self.tracker.global_epoch
 
     @property
-    @abc.abstractmethod
-    def global_samples(self) -> int: ...
+    def num_peers(self) -> int:
+        return self.tracker.global_progress.num_peers
+
+    @property
+    def global_samples(self) -> int:
+        return self.tracker.global_progress.samples_accumulated
 
     # -- training -------------------------------------------------------------------------------
     def catch_up(self) -> bool:

@@ -1,8 +1,8 @@
 """The score book: per-uid moving averages, persisted atomically, and the weights they give.
 
-Two faults of the seed system are designed out here: a uid that was never queried has no entry
-and so a weight of zero (it was floored to 0.1 and kept earning), and a uid whose hotkey changed
-(deregistered, taken by someone else) starts again from zero instead of inheriting a score.
+A uid that was never queried has no entry and so a weight of zero (a floor of 0.1 would let dead
+uids keep earning), and a uid whose hotkey changed (deregistered, taken by someone else) starts
+again from zero instead of inheriting a score.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Judging one miner's answer: 1.0 / 0.3 / 0.1.
 
-The seed system accepted any loss close to the other responders' losses, so a miner that echoed
-a constant scored 1.0 (and if all did, all did). Here "acceptable" is absolute: the validator
+"Acceptable" is absolute, never relative to the other responders (then a miner that echoed a
+constant would score 1.0, and if all did, all would): the validator
 recomputes the loss on a sample of the miner's own pages with the swarm's model state and the
 reported loss must agree within a stated tolerance; the miner must also be on the swarm's epoch
 and must have contributed samples to the swarm recently.

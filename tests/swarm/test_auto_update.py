@@ -347,7 +347,7 @@ def test_launcher_updates_rolls_back_and_respects_local_changes():
         assert procs[NEURON]["pid"] == second_pid and procs[NEURON]["restarts"] == 1
         timings["local change -> skipped"] = time.monotonic() - t
 
-        # The neuron restarted on the good release is really running: it got as far as its training loop
+        # The neuron restarted on the good release is really running: it joined the swarm (its start event)
         # (checked this late because a miner takes a while to start on a loaded machine).
         t = time.monotonic()
         _wait("the neuron of the good release running (its start event)", lambda: rig.starts() > starts_before, 150, rig, every=1.0)

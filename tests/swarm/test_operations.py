@@ -1,4 +1,5 @@
-"""Operating a neuron: post_install.py, wandb without a key or network, and dt-monitor on a live swarm."""
+"""Operating a neuron: post_install.py, wandb without a key or network, dt-monitor on a live swarm, and a
+miner with another run spec refused at start."""
 
 from __future__ import annotations
 
@@ -71,6 +72,16 @@ def test_miners_without_wandb_key_train_and_monitor_shows_the_swarm(tmp_path):
         peers_seen = max(int(re.search(r"peers (\d+)", line).group(1)) for line in lines)
         assert peers_seen == 2, monitor.stdout
         assert re.search(r"samples [1-9]\d*", monitor.stdout), monitor.stdout
+
+        # A third miner of the same run with another learning rate would fork the model: it stops at
+        # start with one line naming the differing field, and the two keep training.
+        odd = group.start("odd", "miner.py", [*flags, "--neuron.uid", "2", "--neuron.lr", "3e-3",
+                                              "--dht.initial_peers", peers[0]], tmp_path / "odd", env=env)
+        assert group.wait("odd", timeout=180) == 2, odd.log_tail()
+        errors = [line for line in odd.log_path.read_text().splitlines() if line.startswith("dt-miner: error:")]
+        assert len(errors) == 1 and "lr 0.003 here vs 0.0004" in errors[0] and "2 peer(s)" in errors[0], errors
+        assert "Traceback" not in odd.log_path.read_text()
+        assert group.members["m0"].alive and group.members["m1"].alive
 
     for i in range(2):
         state = tmp_path / f"m{i}"

@@ -164,7 +164,11 @@ def test_page_losses_evaluate_theta_global_and_state_round_trips(dht) -> None:
         losses = trainer.page_losses(pages)
         assert losses == pytest.approx(page_losses(global_model, pages, CPU), rel=1e-6)
         assert losses != pytest.approx(page_losses(trainer.model, pages, CPU), rel=1e-4)  # not the inner weights
-        assert trainer._page_losses_on_device(pages) == pytest.approx(losses, rel=1e-5)  # the cuda path
+        # the cuda path: θ_global through the local model's module, which keeps its own weights
+        local_before = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
+        weights = {**dict(global_model.named_parameters()), **dict(global_model.named_buffers())}
+        assert page_losses(trainer.model, pages, CPU, weights=weights) == pytest.approx(losses, rel=1e-5)
+        assert all(torch.equal(local_before[n], v) for n, v in trainer.model.state_dict().items())
         assert trainer.model.training
 
         other = _trainer(dht)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import socket
 from typing import Any, Optional
 
 import bittensor as bt
@@ -21,6 +20,7 @@ from bittensor.result import ErrorCode
 from distributed_training.chain import ChainError, SubtensorChain
 from distributed_training.chain.subtensor import SET_WEIGHTS_RETRIES
 from distributed_training.chain.wallets import create_wallet
+from distributed_training.localnet.processes import free_port
 
 NETUID = 7
 
@@ -299,9 +299,7 @@ def test_close_closes_the_client_once(fake: FakeSubtensor) -> None:
 
 def test_real_sdk_client_against_an_unreachable_node() -> None:
     """The default factory (real bt.Subtensor) fails fast and translated on a dead port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     chain = SubtensorChain("local", f"ws://127.0.0.1:{port}")
     try:
         with pytest.raises(ChainError, match=f"cannot reach subtensor at ws://127.0.0.1:{port}"):

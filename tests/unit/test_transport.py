@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import pytest
 from bittensor import http_auth
 
 from distributed_training import PROTOCOL_VERSION, __version__
+from distributed_training.localnet.processes import free_port
 from distributed_training.protocol import (
     IS_ALIVE_PATH,
     MAX_BODY_BYTES,
@@ -137,13 +137,6 @@ def signed(
 
 def post(port: int, path: str, body: bytes | Iterator[bytes], headers: dict[str, str]) -> httpx.Response:
     return httpx.post(f"http://{HOST}:{port}{path}", content=body, headers=headers, timeout=10)
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- server
