@@ -70,15 +70,7 @@ class OuterAveraging:
             self.tracker.shutdown(5.0)
             raise
 
-    # -- progress -------------------------------------------------------------------------------
-    @property
-    def global_epoch(self) -> int:
-        return self.tracker.global_epoch
-
-    @property
-    def num_peers(self) -> int:
-        return self.tracker.global_progress.num_peers
-
+    # -- progress (the trainer reads the swarm's epoch and peers from `tracker` itself) ----------
     @property
     def epoch_due(self) -> bool:
         """The swarm's samples for this epoch reached the target (every peer reads the same records)."""
@@ -112,7 +104,7 @@ class OuterAveraging:
         """
         if self._scheduled is not None and not self._scheduled.done():
             return
-        if self.num_peers <= 1:
+        if self.tracker.global_progress.num_peers <= 1:
             return  # alone: nobody to match with, and no polling the DHT for nobody
         now, wait = get_dht_time(), self.matchmaking_time
         if self.tracker.estimated_next_update_time - now > wait:
@@ -148,7 +140,7 @@ class OuterAveraging:
             progress = read_peer_progress(self.dht, self.run_id)
             fresh = sum(1 for peer, record in progress.items()
                         if peer != me and not record.client_mode and record.epoch >= epoch)
-            return max(fresh, self.num_peers - 1)
+            return max(fresh, self.tracker.global_progress.num_peers - 1)
 
     def average(self, weight: float, epoch: int) -> Optional[dict[str, Any]]:
         """One all-reduce of the buffers; the gathered {peer id: {"epoch": ...}}, or None if it failed."""
@@ -169,7 +161,7 @@ class OuterAveraging:
                 except BaseException as exc:  # matchmaking or all-reduce failed; hivemind already logged why
                     logger.warning("outer all-reduce of epoch %d failed: %r", epoch, exc)
                     return None
-                behind = self.global_epoch > epoch and control.stage in (AveragingStage.IDLE,
+                behind = self.tracker.global_epoch > epoch and control.stage in (AveragingStage.IDLE,
                                                                          AveragingStage.LOOKING_FOR_GROUP)
                 if behind or time.monotonic() > deadline:
                     logger.warning("outer all-reduce of epoch %d abandoned (%s)", epoch,
