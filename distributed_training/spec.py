@@ -7,7 +7,7 @@ is one frozen, versioned value with a digest; checkpoints carry it, peers publis
 and a mismatch is reported as one line naming the differing fields.
 
 The registries of names the flags accept (model presets, data sources, compressions, training
-modes) live here too, once: `config.py` offers them as choices and the modules that implement
+modes, loss kernels) live here too, once: `config.py` offers them as choices and the modules that implement
 them look them up here. This module imports nothing heavy (no torch, no hivemind).
 """
 
@@ -47,6 +47,11 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
 DATA_SOURCES = ("local", "hf")
 COMPRESSIONS = ("none", "fp16", "uint8")
 TRAINING_MODES = ("swarm", "diloco")
+LOSS_KERNELS = ("plain", "chunked")  # training/loss.py: transformers' `labels=` loss, or chunked over rows
+# Fields added after SPEC_VERSION 1, with the value that means "as version 1 did": the canonical form
+# leaves a field out while it has that value, so a run that does not use it keeps its digest, and a
+# record or checkpoint written before the field existed still reads.
+LATER_FIELDS: dict[str, Any] = {"vocab_multiple": 1, "loss_kernel": "plain"}
 
 
 class SpecMismatch(ValueError):
@@ -55,7 +60,12 @@ class SpecMismatch(ValueError):
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What one run's peers share. Hyperparameters of the other training mode are None, so they never differ."""
+    """What one run's peers share. Hyperparameters of the other training mode are None, so they never differ.
+
+    `vocab_multiple` and `loss_kernel` are the fast path's choices that change shapes or numbers (the
+    padded embedding, the chunked cross-entropy); how a device reaches them (torch.compile,
+    micro-batches, where the optimizer runs) is each peer's own and not in here.
+    """
 
     run_id: str
     protocol: int
@@ -76,6 +86,8 @@ class RunSpec:
     inner_steps: Optional[int] = None
     outer_lr: Optional[float] = None
     outer_momentum: Optional[float] = None
+    vocab_multiple: int = 1  # the embedding is padded to a multiple of this; pad ids are never predicted
+    loss_kernel: str = "plain"
     version: int = SPEC_VERSION
 
     @classmethod
@@ -91,20 +103,26 @@ class RunSpec:
             grad_clip=neuron.grad_clip, compression=neuron.grad_compression,
             inner_steps=training.inner_steps if diloco else None, outer_lr=training.outer_lr if diloco else None,
             outer_momentum=training.outer_momentum if diloco else None,
+            vocab_multiple=config.model.vocab_multiple, loss_kernel=config.model.loss,
         )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunSpec":
         """A spec from `as_dict()`; unknown or missing fields are a SpecMismatch (another version wrote it)."""
         names = {f.name for f in fields(cls)}
-        unknown, missing = set(data) - names, {f.name for f in fields(cls) if f.name not in data and f.name != "version"}
+        optional = {"version", *LATER_FIELDS}
+        unknown, missing = set(data) - names, {f.name for f in fields(cls) if f.name not in data and f.name not in optional}
         if unknown or missing:
             raise SpecMismatch(f"run spec of another version (unknown fields {sorted(unknown)}, "
                                f"missing {sorted(missing)})")
         return cls(**dict(data))
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for name, off in LATER_FIELDS.items():
+            if data[name] == off:
+                del data[name]
+        return data
 
     @property
     def digest(self) -> str:
@@ -114,7 +132,7 @@ class RunSpec:
 
     def differences(self, other: "RunSpec") -> list[str]:
         """`field: ours vs theirs` for every field that differs, in declaration order."""
-        mine, theirs = self.as_dict(), other.as_dict()
+        mine, theirs = asdict(self), asdict(other)
         return [f"{name} {mine[name]!r} here vs {theirs[name]!r}" for name in mine if mine[name] != theirs[name]]
 
     def check_matches(self, other: "RunSpec", where: str) -> None:

@@ -31,6 +31,10 @@ Rules that keep θ_global identical on every peer:
   (every member sees the same gathered data, so all decide the same) and members behind load state;
 - a non-finite loss or gradient is skipped and counted before the inner step, and a non-finite
   pseudo-gradient is replaced by zeros with weight 0, so nothing non-finite reaches the averaging;
+  with `sync_every` N > 1 the skip is decided on the device (the fused inner AdamW's `found_inf`),
+  and the host reads the window's losses, samples and skips once every N steps and always before
+  the epoch's all-reduce, so the progress records and the all-reduce's weight count exactly the
+  samples of finite steps;
 - checkpoints (`state()["model"]`), `shared_state()` (the epoch snapshots miners answer from and
   validators recompute with), `page_losses` and the state served to joiners are θ_global, never the
   half-trained inner weights; `model` is the local model, equal to θ_global right after every outer
@@ -56,7 +60,8 @@ import torch
 
 from ..swarm.averaging import OuterAveraging
 from ..swarm.compression import BYTES_PER_VALUE
-from .model import loss_and_gradients, page_losses
+from .model import page_losses
+from .step import ForwardBackward, StepTally, checked
 from .trainer import DiLoCoSettings, StepReport, Trainer, cpu_state, inner_adamw
 
 logger = logging.getLogger(__name__)
@@ -88,7 +93,11 @@ class DiLoCoTrainer(Trainer):
         self._next_catch_up_try = 0.0
         self._state_lock = threading.RLock()
 
-        self.inner_optimizer = inner_adamw(self._local_params, settings)
+        self.forward_backward = ForwardBackward(self.model, device, compile=settings.compile,
+                                                micro_batch_size=settings.micro_batch_size)
+        self._tally = StepTally()  # steps not yet read on the host (sync_every > 1)
+        self.inner_optimizer = inner_adamw(self._local_params, settings,
+                                           fused=device.type == "cuda" or settings.sync_every > 1)
         momentum = settings.outer_momentum
         self.outer_optimizer = torch.optim.SGD(self._global_params, lr=settings.outer_lr, momentum=momentum,
                                                nesterov=momentum > 0)
@@ -115,16 +124,46 @@ class DiLoCoTrainer(Trainer):
         self.inner_optimizer.zero_grad(set_to_none=True)
 
     def _train_batch(self, inputs: torch.Tensor) -> StepReport:
+        if self.settings.sync_every > 1:
+            return self._train_batch_on_device(inputs)
         epoch_before = self.local_epoch
-        loss, problem = loss_and_gradients(self.model, inputs, self.device)
+        loss, problem = checked(self.forward_backward, inputs, one_sync=self.settings.sync_every > 0)
         if problem:
             return self._skip(problem, epoch_before)
         self.inner_optimizer.step()
         self._zero_grad()
-        samples = int(inputs.shape[0])
+        return self._after_steps(epoch_before, loss, int(inputs.shape[0]), steps=1)
+
+    def _train_batch_on_device(self, inputs: torch.Tensor) -> StepReport:
+        """The step checked on the device; the host reads the window when it is full or the epoch needs it."""
+        epoch_before = self.local_epoch
+        loss, _ = self.forward_backward(inputs)
+        skipped = self.inner_optimizer.checked_step(loss)
+        self._zero_grad()
+        self._tally.add(loss, skipped, int(inputs.shape[0]))
+        cap, pending = self.settings.inner_steps, self._tally.steps
+        if (pending < self.settings.sync_every and not (cap and self._epoch_steps + pending >= cap)
+                and not self.averaging.epoch_due and self.global_epoch <= self._epoch):
+            return StepReport(loss=None, samples=0, skipped=False, epoch=epoch_before, epoch_changed=False,
+                              group_size=None, steps=0, pending=True)
+        loss_value, samples, bad, steps = self._read_tally()
+        return self._after_steps(epoch_before, loss_value, samples, steps=steps - bad, window=steps, skipped_steps=bad)
+
+    def _read_tally(self) -> tuple[Optional[float], int, int, int]:
+        """Read the steps counted on the device (the window's host sync) into this peer's counters."""
+        loss_value, samples, bad, steps = self._tally.read()
+        if bad:
+            self.skipped_batches += bad
+            logger.warning("skipped %d of %d batches (non-finite loss or gradient); %d skipped so far", bad, steps,
+                           self.skipped_batches)
+        return loss_value, samples, bad, steps
+
+    def _after_steps(self, epoch_before: int, loss: Optional[float], samples: int, steps: int, window: int = 1,
+                     skipped_steps: int = 0) -> StepReport:
+        """Count finite steps' samples, report progress, and end the epoch if it is due (loss None: none was finite)."""
         self.samples_trained += samples
         self._epoch_samples += samples
-        self._epoch_steps += 1
+        self._epoch_steps += steps
         self.averaging.report_progress(self._epoch, self._epoch_samples)
 
         group = None
@@ -134,15 +173,24 @@ class DiLoCoTrainer(Trainer):
                 logger.info("the swarm is at epoch %d, this peer at %d: loading its state", self.global_epoch,
                             self._epoch)
                 self._load_state_from_peers()
-        elif self._epoch_due():
+        elif loss is not None and self._epoch_due():  # as a skipped batch, a window of them never ends an epoch
             with self.averaging.not_training_time():  # the wait for the all-reduce is not training speed
                 group = self._end_epoch()
         else:
             self.averaging.schedule(self._epoch)
         changed = self.local_epoch != epoch_before
         group = group if changed else None
-        return StepReport(loss=float(loss.item()), samples=samples, skipped=False, epoch=self.local_epoch,
-                          epoch_changed=changed, group_size=None if group is None else len(group), group=group)
+        return StepReport(loss=loss, samples=samples, skipped=loss is None, epoch=self.local_epoch, epoch_changed=changed,
+                          group_size=None if group is None else len(group), group=group, steps=window,
+                          skipped_steps=skipped_steps)
+
+    def _close_window(self) -> None:
+        """Count the steps still on the device as trained (in this epoch) before the state moves on."""
+        if self._tally.steps:
+            _, samples, bad, steps = self._read_tally()
+            self.samples_trained += samples
+            self._epoch_samples += samples
+            self._epoch_steps += steps - bad
 
     def _epoch_due(self) -> bool:
         cap = self.settings.inner_steps
@@ -246,6 +294,7 @@ class DiLoCoTrainer(Trainer):
 
     def _load_state_from_peers(self) -> bool:
         """Download θ_global, momentum and epoch from the most advanced peer; True if loaded."""
+        self._close_window()
         self._next_catch_up_try = time.monotonic() + CATCH_UP_RETRY_SECONDS
         expected = len(self._global_params) + len(self._momentum_buffers())
         for attempt in range(1, LOAD_STATE_ATTEMPTS + 1):
@@ -300,6 +349,7 @@ class DiLoCoTrainer(Trainer):
     # -- persistence ----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """θ_global (as "model"), both optimizers and the epoch; what the miner checkpoints."""
+        self._close_window()
         with self._state_lock:
             return {
                 "trainer": "diloco",

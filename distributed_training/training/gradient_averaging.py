@@ -9,6 +9,22 @@ Rules that keep the shared step honest:
 - progress counts the samples actually processed (`opt.step(batch_size=n)`), never a nominal size;
 - a non-finite loss or gradient is skipped and counted, never sent to the swarm;
 - gradient clipping is applied to the *averaged* gradient, right before the shared AdamW step.
+
+Where the AdamW runs (`offload_optimizer`, this peer's choice): by default hivemind keeps a host copy
+of the parameters and steps it on the CPU, then copies the parameters back to the device, once per
+epoch. With `offload_optimizer=False` hivemind steps the model's own parameters where they are, with
+torch's fused AdamW on CUDA. Both apply the same update to the same averaged gradient (rounded in
+another order on another device), so peers of either kind stay in step; hivemind's initial zero-
+gradient step, which applies weight decay once, then lands on the model's weights before the first
+batch rather than on the host copy. Which is faster on a GPU is `bench/gpu_step.py`'s two swarm rows.
+The host copy's gradients *are* hivemind's averager buffers; on the device, hivemind 1.1.12 copies
+them into `.grad` only after a successful all-reduce, so a lone peer would step on its last batch's
+gradient instead of the epoch's mean. `_epoch_gradient_into_model` copies them first in that case,
+so the device step applies exactly what the host copy would.
+
+Every step's check reads the loss and the gradient norm on the host before `opt.step`: a non-finite
+gradient accumulated into hivemind's buffers would reach the all-reduce, and hivemind's step reads the
+host's progress counters anyway. On CUDA it is one sync (`sync_every` 1) instead of three.
 """
 
 from __future__ import annotations
@@ -20,7 +36,8 @@ import torch
 
 from ..swarm.compression import codec
 from ..swarm.hivemind_private import GroupRecordingOptimizer
-from .model import loss_and_gradients, page_losses
+from .model import page_losses
+from .step import ForwardBackward, checked
 from .trainer import ClippedAdamW, StepReport, Trainer, TrainerSettings, cpu_state
 
 
@@ -30,14 +47,19 @@ class GradientAveragingTrainer(Trainer):
     def __init__(self, model: torch.nn.Module, dht: Any, settings: TrainerSettings, device: torch.device):
         super().__init__(dht, settings, device)
         self.model = model.to(device)
+        self.forward_backward = ForwardBackward(self.model, device, compile=settings.compile,
+                                                micro_batch_size=settings.micro_batch_size)
+        fused = not settings.offload_optimizer and device.type == "cuda"
         self.optimizer = GroupRecordingOptimizer(
             dht=dht,
             run_id=settings.run_id,
             target_batch_size=settings.target_batch_size,
             batch_size_per_step=settings.batch_size,
             optimizer=partial(ClippedAdamW, lr=settings.lr, betas=(0.9, 0.95), weight_decay=settings.weight_decay,
-                              max_grad_norm=settings.grad_clip),
+                              max_grad_norm=settings.grad_clip, fused=True if fused else None,
+                              before_step=None if settings.offload_optimizer else self._epoch_gradient_into_model),
             params=self.model.parameters(),
+            offload_optimizer=settings.offload_optimizer,
             matchmaking_time=settings.matchmaking_time,
             averaging_timeout=settings.averaging_timeout,
             # hivemind's default waits only matchmaking_time for each chunk of an all-reduce, so a
@@ -52,6 +74,25 @@ class GradientAveragingTrainer(Trainer):
             verbose=False,
             timing=self.timing,
         )
+
+    @torch.no_grad()
+    def _epoch_gradient_into_model(self) -> None:
+        """On the device: the epoch's gradient (averaged, or this peer's own mean) into `.grad` before the step.
+
+        After an all-reduce hivemind has copied the average there already; otherwise its averager's
+        buffers hold the mean of the accumulated gradients. Before `self.optimizer` exists (hivemind's
+        initial zero-gradient step) there is nothing to copy.
+        """
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is None or (optimizer.last_group is not None and len(optimizer.last_group) > 1):
+            return
+        averager = optimizer.grad_averager
+        with averager.get_tensors() as epoch_gradient:
+            for param, grad in zip(averager.parameters, epoch_gradient):
+                if param.grad is None:
+                    param.grad = grad.to(param.device, copy=True)
+                else:
+                    param.grad.copy_(grad, non_blocking=True)
 
     # -- progress -------------------------------------------------------------------------------
     @property
@@ -72,7 +113,7 @@ class GradientAveragingTrainer(Trainer):
 
     def _train_batch(self, inputs: torch.Tensor) -> StepReport:
         epoch_before = self.local_epoch
-        loss, problem = loss_and_gradients(self.model, inputs, self.device)
+        loss, problem = checked(self.forward_backward, inputs, one_sync=self.settings.sync_every > 0)
         if problem:
             return self._skip(problem, epoch_before)
         samples = int(inputs.shape[0])
@@ -81,7 +122,7 @@ class GradientAveragingTrainer(Trainer):
         self.samples_trained += samples
         changed = self.local_epoch != epoch_before
         group = self.optimizer.last_group if changed else None
-        return StepReport(loss=float(loss.item()), samples=samples, skipped=False, epoch=self.local_epoch,
+        return StepReport(loss=loss, samples=samples, skipped=False, epoch=self.local_epoch,
                           epoch_changed=changed, group_size=None if group is None else len(group), group=group)
 
     # -- the model every peer holds this epoch ----------------------------------------------------

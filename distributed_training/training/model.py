@@ -1,4 +1,7 @@
-"""Everything about the model: building it from a preset, the device, the loss, the checked backward.
+"""The model: building it from a preset and the run spec, the device, and the losses verification reads.
+
+The loss kernels and the padded vocabulary's mask are in `loss.py`; one training step's forward,
+backward and checks in `step.py`.
 
 Every peer of a run must build the very same architecture from the same seed, so sizes are named
 presets of the run spec (`spec.MODEL_PRESETS`), not per-peer flags. Dropout is off in every
@@ -9,7 +12,6 @@ what lets a validator recompute and check it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -17,6 +19,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from ..spec import MODEL_PRESETS, ModelPreset
+from .loss import configure, next_token_loss, padded_vocab
+from .step import autocast, loss_and_gradients
+
+__all__ = ["PRESETS", "DeviceError", "autocast", "build_model", "count_parameters", "get_preset",
+           "loss_and_gradients", "page_losses", "pick_device"]  # autocast and the checked step live in step.py
 
 PRESETS = MODEL_PRESETS
 
@@ -27,10 +34,16 @@ def get_preset(name: str) -> ModelPreset:
     return PRESETS[name]
 
 
-def build_model(preset: ModelPreset, vocab_size: int, seq_len: int | None = None, seed: int = 1337) -> GPT2LMHeadModel:
-    """A freshly initialised GPT-2; the same (preset, vocab, seq_len, seed) gives the same weights everywhere."""
+def build_model(preset: ModelPreset, vocab_size: int, seq_len: int | None = None, seed: int = 1337, *,
+                vocab_multiple: int = 1, loss_kernel: str = "plain") -> GPT2LMHeadModel:
+    """A freshly initialised GPT-2; the same arguments give the same weights everywhere.
+
+    `vocab_size` is the tokenizer's; with `vocab_multiple` > 1 the embedding has rows up to the next
+    multiple, whose ids the model never predicts. `vocab_multiple` and `loss_kernel` come from the
+    run spec, so every peer and validator of a run builds the same shapes and computes the same loss.
+    """
     config = GPT2Config(
-        vocab_size=vocab_size,
+        vocab_size=padded_vocab(vocab_size, vocab_multiple),
         n_positions=seq_len or preset.seq_len,
         n_embd=preset.n_embd,
         n_layer=preset.n_layer,
@@ -48,6 +61,7 @@ def build_model(preset: ModelPreset, vocab_size: int, seq_len: int | None = None
         model.loss_type = "ForCausalLM"  # transformers warns on every forward when this is unset
     finally:
         torch.random.set_rng_state(generator_state)
+    configure(model, vocab_size, loss_kernel)
     return model
 
 
@@ -68,40 +82,13 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def loss_and_gradients(model: torch.nn.Module, inputs: torch.Tensor,
-                       device: torch.device) -> tuple[Optional[torch.Tensor], Optional[str]]:
-    """Forward and backward on one batch: (loss, None), or (None, why) if the loss or a gradient is not finite.
-
-    Checked here, before anything reaches an optimizer, so a bad batch never touches the swarm.
-    """
-    model.train()
-    inputs = inputs.to(device)
-    with autocast(device):
-        loss = model(input_ids=inputs, labels=inputs).loss
-    if not torch.isfinite(loss):
-        return None, f"non-finite loss {loss.item()}"
-    loss.backward()
-    # One fused norm is finite exactly when every gradient element is (a gradient so large that
-    # its norm overflows counts as non-finite too, as it should); isfinite on each tensor cost ~4 %
-    # of a tiny model's CPU step and one device sync per tensor, the norm ~0.3 % and one sync.
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-        return None, "non-finite gradient"
-    return loss, None
-
-
 @torch.no_grad()
 def page_losses(model: torch.nn.Module, pages: Sequence[torch.Tensor], device: torch.device,
                 weights: Optional[dict[str, torch.Tensor]] = None) -> list[float]:
     """Per-page mean loss in eval mode and float32, so any two machines agree closely.
 
+    The loss is the model's kernel (`loss.next_token_loss`, with its padded vocabulary masked), the
+    one training uses: what a miner answers and a validator recomputes is the training loss.
     With `weights` (parameters and buffers by name, on `device`), `model`'s module runs with those
     instead of its own, which stay untouched (DiLoCo evaluates θ_global through the local model).
     """
@@ -112,11 +99,23 @@ def page_losses(model: torch.nn.Module, pages: Sequence[torch.Tensor], device: t
         for page in pages:
             page = page.to(device)
             if weights is None:
-                out = model(input_ids=page, labels=page)
+                out = next_token_loss(model, page)
             else:
-                out = torch.func.functional_call(model, weights, args=(), kwargs=dict(input_ids=page, labels=page))
-            loss = out.loss.float().item()
+                named = {f"model.{name}": tensor for name, tensor in weights.items()}
+                out = torch.func.functional_call(_NextTokenLoss(model), named, args=(page,))
+            loss = out.float().item()
             losses.append(loss if math.isfinite(loss) else float("nan"))
         return losses
     finally:
         model.train(was_training)
+
+
+class _NextTokenLoss(torch.nn.Module):
+    """`next_token_loss` as a module, so `functional_call` can run it with other weights."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return next_token_loss(self.model, inputs)

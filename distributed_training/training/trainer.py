@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -34,6 +34,14 @@ class TrainerSettings:
     grad_clip: float = 1.0
     compression: str = "none"
     load_state_timeout: float = 120.0
+    # how this peer's device runs the step (none of it changes what the swarm computes; see step.py)
+    compile: bool = False  # torch.compile the step
+    micro_batch_size: int = 0  # sequences per forward/backward (0: the whole batch)
+    # host syncs: 0 checks each loss before its backward, then the gradient (a bad batch costs no
+    # backward); 1 reads the loss and the gradient norm together, one sync per step; N > 1 (DiLoCo)
+    # checks on the device and reads once every N steps, reporting the window with its last step
+    sync_every: int = 0
+    offload_optimizer: bool = True  # swarm mode: hivemind's AdamW on a host copy (False: on the device)
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,12 @@ class StepReport:
     epoch_changed: bool
     group_size: Optional[int]  # peers in the epoch's all-reduce, when the epoch changed (None: loaded, not averaged)
     group: Optional[tuple[str, ...]] = None  # their peer ids, sorted
+    # With `sync_every` > 1 the report of a window's last step covers its `steps` steps: loss is the
+    # mean of the finite ones, samples theirs, skipped True when none was finite; the window's other
+    # steps report `pending` (steps 0: nothing known yet, no loss, no samples, not skipped).
+    steps: int = 1
+    skipped_steps: int = 0
+    pending: bool = False
 
 
 class ClippedAdamW(torch.optim.AdamW):
@@ -64,22 +78,64 @@ class ClippedAdamW(torch.optim.AdamW):
     change the average, not bound the update.
     """
 
-    def __init__(self, params: Iterable, *, max_grad_norm: float = 0.0, **kwargs: Any):
+    def __init__(self, params: Iterable, *, max_grad_norm: float = 0.0,
+                 before_step: Optional[Callable[[], None]] = None, **kwargs: Any):
+        """`before_step` runs first in every `step` (gradient averaging on the device puts the epoch's gradient in place)."""
         super().__init__(params, **kwargs)
         self.max_grad_norm = max_grad_norm
+        self.before_step = before_step
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
+        if self.before_step is not None:
+            self.before_step()
         if self.max_grad_norm > 0:
             grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
         return super().step(closure)
 
+    @torch.no_grad()
+    def checked_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """Clip and step unless `loss` or the gradient is not finite, decided on the device: no host sync.
 
-def inner_adamw(params: Iterable, settings: TrainerSettings) -> ClippedAdamW:
-    """The AdamW every peer of a run uses (betas 0.9/0.95, the run's lr, weight decay and clip)."""
+        Returns 1.0 where the step was skipped, else 0.0, as a device tensor. Needs `fused=True`:
+        the fused kernel reads it as `found_inf` and leaves parameters, moments and step count alone.
+        """
+        if not all(group.get("fused") for group in self.param_groups):
+            raise RuntimeError("checked_step needs a fused AdamW (ClippedAdamW(..., fused=True))")
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        skipped = torch.logical_not(torch.isfinite(norm) & torch.isfinite(loss)).float()
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
+        self.found_inf = skipped
+        try:
+            super().step()
+        finally:
+            del self.found_inf
+        return skipped
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load moments and steps, keeping this optimizer's own kernel choice (fused or not), which is the device's."""
+        kernels = [(group.get("fused"), group.get("foreach")) for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, (fused, foreach) in zip(self.param_groups, kernels):
+            group["fused"], group["foreach"] = fused, foreach
+            for param in group["params"]:
+                state = self.state.get(param, {})
+                if "step" in state:  # the fused kernel keeps the step count on the parameter's device
+                    step = state["step"]
+                    state["step"] = step.to(param.device) if fused else step.to("cpu")
+
+
+def inner_adamw(params: Iterable, settings: TrainerSettings, fused: bool = False) -> ClippedAdamW:
+    """The AdamW every peer of a run uses (betas 0.9/0.95, the run's lr, weight decay and clip).
+
+    `fused` picks torch's one-kernel implementation: the same update, rounded in another order, so
+    it is a device's choice (GPUs, and `checked_step`), not the run's.
+    """
     return ClippedAdamW(params, lr=settings.lr, betas=(0.9, 0.95), weight_decay=settings.weight_decay,
-                        max_grad_norm=settings.grad_clip)
+                        max_grad_norm=settings.grad_clip, fused=True if fused else None)
 
 
 class Trainer(abc.ABC):

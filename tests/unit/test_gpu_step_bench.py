@@ -1,4 +1,4 @@
-"""bench/gpu_step.py without a GPU: its FLOPs count against a hand count, its peak table, and its refusal.
+"""bench/gpu_step.py without a GPU: its FLOPs against a hand count, its peak table, its refusal, a CPU smoke run.
 
 The GPU figure itself needs a GPU; these checks keep the script honest where CI runs.
 """
@@ -57,3 +57,34 @@ def test_cuda_without_a_gpu_exits_2_with_one_line(gpu_step, capsys) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no CUDA device" in err
+
+
+def test_mfu_uses_the_causal_half_of_the_attention_term(gpu_step) -> None:
+    n = 123_653_376  # gpt2-124m without its position embedding, above
+    causal = gpu_step.causal_flops_per_token(n, n_layer=12, n_head=12, n_embd=768, seq_len=1024)
+    assert causal == 6 * n + 113_246_208 // 2
+    # 500k tokens/s on an H100 SXM: 500e3 · (6N + 6·L·H·Q·T) / 989e12
+    assert gpu_step.mfu(500e3, causal, 989.0) == pytest.approx(500e3 * causal / 989e12)
+    assert gpu_step.mfu(500e3, causal, None) is None
+
+
+def test_flops_leave_out_the_vocabulary_padding(gpu_step) -> None:
+    # 100 ids padded to 128: the 28 extra rows predict nothing and are not model FLOPs
+    padded = build_model(get_preset("tiny"), vocab_size=100, seq_len=64, vocab_multiple=64)
+    assert padded.config.vocab_size == 128
+    assert gpu_step.model_params(padded) == 106_496
+
+
+def test_peak_table_tells_the_nvl_and_h200_variants_apart(gpu_step) -> None:
+    assert gpu_step.peak_tflops("NVIDIA H100 NVL") == 835.0
+    assert gpu_step.peak_tflops("NVIDIA H200 NVL") == 835.0
+    assert gpu_step.peak_tflops("NVIDIA H200") == 989.0  # SXM
+    assert gpu_step.peak_tflops("NVIDIA GH200 480GB") == 989.0
+
+
+def test_cpu_smoke_run_prints_the_rows_and_the_formula(gpu_step, capsys) -> None:
+    gpu_step.main(["--device", "cpu", "--preset", "tiny", "--seq-len", "16", "--batch-size", "2", "--steps", "1",
+                   "--warmup", "1", "--rows", "torch"])
+    out = capsys.readouterr()
+    assert "torch loop: step + fused AdamW" in out.out and "6·N + 6·L·H·Q·T" in out.out
+    assert "not recorded" in out.err
