@@ -1,17 +1,17 @@
-"""Page sources: the offline corpus and Hugging Face datasets, cut into fixed pages of token ids.
+"""Page sources: the offline corpus and local files, cut into fixed pages of token ids, and the factory.
 
-Both give the same page id the same tokens in every process on every machine; which pages a uid
-trains on is `pages.assign_pages`. The last ~2 % of pages are held out for eval and never assigned.
+Every source gives the same page id the same tokens in every process on every machine; which pages
+a uid trains on is `pages.assign_pages`. The last ~2 % of pages are held out for eval and never
+assigned. Parquet data, local or a Hugging Face dataset on the Hub, is `parquet.ParquetPageSource`;
+`make_page_source` picks the source the flags describe.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,42 +19,16 @@ import numpy as np
 import torch
 
 from distributed_training.data.assets import require_assets
-from distributed_training.data.pages import EVAL_FRACTION, DataSourceError, PageSource
+from distributed_training.data.listing import expand_local, hub_listing, local_listing
+from distributed_training.data.pages import EVAL_FRACTION, DataSourceError, PageSource, Split, pack_tokens
+from distributed_training.data.pages import check_shape as _check_shape
+from distributed_training.data.pages import json_digest as _json_digest
+from distributed_training.data.parquet import ParquetPageSource
 from distributed_training.data.tokenizer import Tokenizer, load_tokenizer
 from distributed_training.files import atomic_write, atomic_write_bytes, sha256_file
 from distributed_training.spec import DATA_SOURCES
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
-
-
-def _check_shape(seq_len: int, page_size: int) -> None:
-    if not (isinstance(seq_len, int) and seq_len >= 2):
-        raise DataSourceError(f"seq_len must be an int >= 2, got {seq_len!r}")
-    if not (isinstance(page_size, int) and page_size >= 1):
-        raise DataSourceError(f"page_size must be an int >= 1, got {page_size!r}")
-
-
-@dataclass(frozen=True)
-class _Split:
-    """Train/eval split of ``total`` pages: eval = the last ceil(2%) pages (at least one)."""
-
-    total: int
-
-    @property
-    def num_eval(self) -> int:
-        return max(1, math.ceil(self.total * EVAL_FRACTION))
-
-    @property
-    def num_train(self) -> int:
-        return self.total - self.num_eval
-
-    def check(self, page_id: int, what: str) -> None:
-        if not isinstance(page_id, (int, np.integer)) or not 0 <= page_id < self.total:
-            raise IndexError(f"page id {page_id!r} out of range for {what} (valid: 0..{self.total - 1})")
-
-
-def _json_digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 # --- local corpus -----------------------------------------------------------
@@ -102,7 +76,7 @@ class LocalCorpusSource:
         corpus_sha = sha256_file(paths.corpus_path)
         self._tokens = self._load_or_build(paths.root / "cache", paths.corpus_path, corpus_sha)
         n_seq = len(self._tokens) // seq_len
-        self._split = _Split(n_seq // page_size)
+        self._split = Split(n_seq // page_size)
         if self._split.total < 2:
             raise DataSourceError(
                 f"corpus has {len(self._tokens)} tokens: too few for 2 pages of {page_size}x{seq_len}; "
@@ -165,12 +139,12 @@ class LocalCorpusSource:
 
 # --- Hugging Face datasets --------------------------------------------------
 class HFDatasetSource:
-    """Pages from a ``datasets`` dataset: page p = rows ``[p*R, (p+1)*R)``.
+    """Pages from local json, jsonl, txt or csv files loaded by ``datasets``: page p = rows ``[p*R, (p+1)*R)``.
 
-    Rows are tokenized, each followed by EOS, then truncated (or cycled, if
-    short) to exactly ``page_size*seq_len`` tokens. With ``data_files`` the
-    files are loaded locally (non-streaming, indexed); otherwise the Hub
-    dataset is streamed. Nothing is loaded until a page or size is needed.
+    The files are loaded indexed (not streamed), so any page costs the same. Rows are tokenized,
+    each followed by EOS, then cut (or cycled, if short) to exactly ``page_size*seq_len`` tokens.
+    Parquet files and Hub datasets are read by `ParquetPageSource` instead, a row group at a time.
+    Nothing is loaded until a page or size is needed.
     """
 
     def __init__(
@@ -184,29 +158,26 @@ class HFDatasetSource:
         page_size: int,
         data_files: str | Sequence[str] | None = None,
         rows_per_page: int | None = None,
-        num_rows: int | None = None,
     ) -> None:
         _check_shape(seq_len, page_size)
         self._rows_per_page = page_size if rows_per_page is None else rows_per_page
         if not (isinstance(self._rows_per_page, int) and self._rows_per_page >= 1):
             raise DataSourceError(f"rows_per_page must be an int >= 1, got {rows_per_page!r}")
         self._files = self._check_files(data_files)
-        self._builder = dataset
-        if self._files:
-            self._builder = dataset if dataset in set(_FILE_BUILDERS.values()) else self._infer_builder(self._files)
+        self._builder = dataset if dataset in set(_FILE_BUILDERS.values()) else self._infer_builder(self._files)
         self._dataset_name, self._config, self._split_name = dataset, config_name, split
         self._text_field = text_field
         self._tokenizer = tokenizer
         self._seq_len, self._page_size = seq_len, page_size
-        self._num_rows = num_rows
         self._ds: Any = None
-        self._split_info: _Split | None = None
+        self._split_info: Split | None = None
         self._digest: str | None = None
 
     @staticmethod
     def _check_files(data_files: str | Sequence[str] | None) -> list[str]:
         if data_files is None:
-            return []
+            raise DataSourceError("HFDatasetSource reads local files; give data_files (Hub datasets are read "
+                                  "as parquet by ParquetPageSource)")
         files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
         missing = [str(f) for f in files if not Path(f).is_file()]
         if not files or missing:
@@ -224,56 +195,30 @@ class HFDatasetSource:
             )
         return builders.pop()  # type: ignore[return-value]
 
-    def _field_error(self, columns: object) -> DataSourceError:
-        return DataSourceError(f"text field {self._text_field!r} not in dataset columns {columns}; set the text field")
-
-    @property
-    def streaming(self) -> bool:
-        return not self._files
-
     def _dataset(self) -> Any:
         if self._ds is None:
-            import datasets  # lazy: heavy import, may touch the network for Hub names
+            import datasets  # lazy: heavy import
 
             try:
-                if self._files:
-                    self._ds = datasets.load_dataset(
-                        self._builder, data_files={self._split_name: self._files}, split=self._split_name
-                    )
-                else:
-                    self._ds = datasets.load_dataset(
-                        self._dataset_name, self._config, split=self._split_name, streaming=True
-                    )
+                self._ds = datasets.load_dataset(
+                    self._builder, data_files={self._split_name: self._files}, split=self._split_name
+                )
             except Exception as e:  # noqa: BLE001 - datasets raises many types
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise DataSourceError(
-                    f"could not load dataset {self._dataset_name!r} "
-                    f"(config {self._config!r}, split {self._split_name!r}): "
-                    f"{type(e).__name__}: {first}; check the name/network or use --data.source local"
+                    f"could not load data files {self._files} as {self._builder!r} (split {self._split_name!r}): "
+                    f"{type(e).__name__}: {first}; check the files or use --data.source local"
                 ) from e
             cols = getattr(self._ds, "column_names", None)
             if cols is not None and self._text_field not in cols:
-                raise self._field_error(cols)
+                raise DataSourceError(
+                    f"text field {self._text_field!r} not in dataset columns {cols}; set the text field")
         return self._ds
 
-    def _total_rows(self) -> int:
-        if self._num_rows is not None:
-            return self._num_rows
-        ds = self._dataset()
-        if not self.streaming:
-            return len(ds)
-        splits = getattr(ds.info, "splits", None) or {}
-        info = splits.get(self._split_name) if hasattr(splits, "get") else None
-        if info is None or not info.num_examples:
-            raise DataSourceError(
-                f"row count of streamed dataset {self._dataset_name!r} is unknown; pass num_rows (hf_num_rows)"
-            )
-        return int(info.num_examples)
-
     @property
-    def _pages(self) -> _Split:
+    def _pages(self) -> Split:
         if self._split_info is None:
-            split = _Split(self._total_rows() // self._rows_per_page)
+            split = Split(len(self._dataset()) // self._rows_per_page)
             if split.total < 2:
                 raise DataSourceError(
                     f"dataset {self._dataset_name!r} has too few rows for 2 pages of {self._rows_per_page} rows"
@@ -298,9 +243,8 @@ class HFDatasetSource:
         if self._digest is None:
             # Local files are identified by content, not path, so machines agree.
             files = [sha256_file(Path(f)) for f in self._files]
-            ident = {"dataset": self._dataset_name, "config": self._config} if not files else {"files": files}
             self._digest = _json_digest(
-                {"source": "hf", **ident, "split": self._split_name, "text_field": self._text_field,
+                {"source": "hf", "files": files, "split": self._split_name, "text_field": self._text_field,
                  "tokenizer": self._tokenizer.digest, "seq_len": self._seq_len, "page_size": self._page_size,
                  "rows_per_page": self._rows_per_page, "eval_fraction": EVAL_FRACTION}
             )
@@ -309,34 +253,15 @@ class HFDatasetSource:
     def eval_page_ids(self) -> list[int]:
         return list(range(self._pages.num_train, self._pages.total))
 
-    def _rows(self, start: int, count: int) -> list[str]:
-        ds = self._dataset()
-        if self.streaming:
-            rows = []
-            for r in ds.skip(start).take(count):
-                if self._text_field not in r:
-                    raise self._field_error(sorted(r))
-                rows.append(r[self._text_field])
-        else:
-            rows = ds.select(range(start, start + count))[self._text_field]
-        if len(rows) != count:
-            raise IndexError(
-                f"dataset returned {len(rows)} rows at offset {start}, expected {count}; is num_rows too large?"
-            )
-        return ["" if r is None else str(r) for r in rows]
-
     def page(self, page_id: int) -> torch.Tensor:
         self._pages.check(page_id, f"dataset {self._dataset_name!r}")
-        texts = self._rows(int(page_id) * self._rows_per_page, self._rows_per_page)
-        eos = self._tokenizer.eos_id
-        ids = [i for doc in self._tokenizer.encode_batch(texts) for i in (*doc, eos)]
-        need = self._page_size * self._seq_len
-        flat = np.asarray(ids, dtype=np.int64)
-        flat = flat[:need] if len(flat) >= need else np.resize(flat, need)  # resize cycles short pages
-        return torch.from_numpy(flat.reshape(self._page_size, self._seq_len))
+        start = int(page_id) * self._rows_per_page
+        rows = self._dataset().select(range(start, start + self._rows_per_page))[self._text_field]
+        texts = ["" if r is None else str(r) for r in rows]
+        return pack_tokens(self._tokenizer.encode_batch(texts), self._tokenizer.eos_id, self._page_size, self._seq_len)
 
 
-# --- factory / assignment ---------------------------------------------------
+# --- factory ------------------------------------------------------------------
 def make_page_source(
     source: str,
     *,
@@ -350,14 +275,20 @@ def make_page_source(
     hf_data_files: str | Sequence[str] | None = None,
     tokenizer_name: str = "gpt2",
     hf_rows_per_page: int | None = None,
-    hf_num_rows: int | None = None,
+    hf_revision: str | None = None,
+    hub_fs: Any = None,
+    index_cache_dir: Path | str | None = None,
     tokenizer: Tokenizer | None = None,
 ) -> PageSource:
     """Build the configured page source (``source`` in ``DATA_SOURCES``).
 
     ``tokenizer`` wins if given; otherwise "local" uses the offline GPT-2 and
     "hf" loads ``tokenizer_name`` (a Hub name or directory; "local" = offline).
-    ``hf_data_files`` may be a comma-separated string, as the CLI flag gives it.
+    With "hf", parquet data (a Hub dataset's files through ``hub_fs``, by default
+    ``HfFileSystem``, or local parquet files and directories in ``hf_data_files``)
+    is read by `ParquetPageSource`; other local files (json, jsonl, txt, csv) by
+    `HFDatasetSource`. ``hf_data_files`` may be a comma-separated string, as the
+    CLI flag gives it; ``index_cache_dir`` keeps parquet indexes between starts.
     """
     if source not in DATA_SOURCES:
         raise DataSourceError(f"unknown data source {source!r}; valid: {', '.join(DATA_SOURCES)}")
@@ -369,7 +300,16 @@ def make_page_source(
         return LocalCorpusSource(root, tokenizer, seq_len, page_size)
     if isinstance(hf_data_files, str):
         hf_data_files = [part.strip() for part in hf_data_files.split(",") if part.strip()]
-    return HFDatasetSource(
-        hf_dataset, hf_config, hf_split, hf_text_field, tokenizer, seq_len, page_size,
-        data_files=hf_data_files or None, rows_per_page=hf_rows_per_page, num_rows=hf_num_rows,
-    )
+    if hf_data_files:
+        files = expand_local(hf_data_files)
+        parquet = [f.suffix.lower() == ".parquet" for f in files]
+        if not any(parquet):
+            return HFDatasetSource(hf_dataset, hf_config, hf_split, hf_text_field, tokenizer, seq_len, page_size,
+                                   data_files=[str(f) for f in files], rows_per_page=hf_rows_per_page)
+        if not all(parquet):
+            raise DataSourceError("data files mix parquet and other formats; give parquet files only, or none")
+        listing = local_listing(files)
+    else:
+        listing = hub_listing(hf_dataset, hf_config, hf_split, revision=hf_revision, fs=hub_fs)
+    return ParquetPageSource(listing, tokenizer, seq_len, page_size, text_field=hf_text_field,
+                             rows_per_page=hf_rows_per_page, index_cache_dir=index_cache_dir)

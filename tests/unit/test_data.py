@@ -279,33 +279,6 @@ def test_hf_source_local_jsonl(data_jsonl: Path, data_tokenizer: Tokenizer) -> N
         src.page(20)
 
 
-def test_hf_source_streaming_path_matches_indexed(
-    data_jsonl: Path, data_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The Hub branch (streaming skip/take) on the same rows must give the same pages as indexed files."""
-    import datasets
-
-    local = HFDatasetSource("json", None, "train", "text", data_tokenizer, 16, 2,
-                           data_files=str(data_jsonl), rows_per_page=2)
-    want = pages_digest(local, [0, 4, 19])
-    real = datasets.load_dataset
-    calls: list[tuple] = []
-
-    def fake_hub(name: str, config: str | None = None, *, split: str, streaming: bool = False, **kw: object):
-        calls.append((name, config, split, streaming))
-        return real("json", data_files=str(data_jsonl), split="train", streaming=True)
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
-    hub = HFDatasetSource("someone/corpus", "cfg", "train", "text", data_tokenizer, 16, 2, rows_per_page=2, num_rows=41)
-    assert hub.num_pages == 19 and calls == []  # size from num_rows: nothing loaded yet
-    assert pages_digest(hub, [0, 4, 19]) == want
-    assert calls == [("someone/corpus", "cfg", "train", True)]
-    assert hub.digest != local.digest  # different identity (Hub name vs file content)
-    bad = HFDatasetSource("someone/corpus", "cfg", "train", "body", data_tokenizer, 16, 2, rows_per_page=2, num_rows=41)
-    with pytest.raises(DataSourceError, match="text field 'body' not in dataset columns"):
-        bad.page(0)
-
-
 def test_hf_source_bad_config_errors(data_jsonl: Path, data_tokenizer: Tokenizer, tmp_path: Path) -> None:
     with pytest.raises(DataSourceError, match="data_files not found"):
         HFDatasetSource("json", None, "train", "text", data_tokenizer, 16, 2, data_files=str(tmp_path / "x.jsonl"))
