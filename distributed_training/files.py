@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Optional
+
+_TEMP_NAME = re.compile(r"^\..+\.[^.]+\.tmp$")  # what `atomic_write` names its temporary files
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
@@ -47,3 +51,41 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def os_error_in(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind `exc`, if any: torch wraps a full disk in a RuntimeError of its own."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def write_failure(path: Path, exc: BaseException) -> str:
+    """One line saying why `path` could not be written and how much room its file system has."""
+    error = os_error_in(exc)
+    reason = (error.strerror or str(error)) if error is not None else f"{type(exc).__name__}: {exc}"
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free / 1e6:.1f} MB free there"
+    except OSError:
+        free = "its directory is not readable"
+    return f"cannot write {path}: {reason} ({free})"
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Remove the temporary files an interrupted `atomic_write` left in `directory`; the removed paths."""
+    removed = []
+    try:
+        candidates = [p for p in Path(directory).iterdir() if p.is_file() and _TEMP_NAME.match(p.name)]
+    except OSError:
+        return removed
+    for candidate in candidates:
+        try:
+            candidate.unlink()
+            removed.append(candidate)
+        except OSError:
+            pass
+    return removed

@@ -34,7 +34,11 @@ def open_chain(
     chain_endpoint: Optional[str] = None,
     db_path: Union[str, Path, None] = None,
 ) -> Chain:
-    """The chain backend for ``network``; nothing connects until first use."""
+    """The chain backend for ``network``; nothing connects until first use.
+
+    The neurons' embedded chain must exist (``dt-chain create-subnet`` makes it): a
+    mistyped ``--chain.db`` is one line naming the path, not a new empty chain.
+    """
     if network == EMBEDDED_NETWORK:
         if chain_endpoint:
             raise ChainError(
@@ -43,5 +47,5 @@ def open_chain(
             )
         if db_path is None or str(db_path) == "":
             raise ChainError("the embedded chain needs a database file; pass --chain.db PATH")
-        return LocalChain(db_path)
+        return LocalChain(db_path, create=False)
     return SubtensorChain(network, chain_endpoint)

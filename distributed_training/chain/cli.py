@@ -15,13 +15,21 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..config import Flag, argparse_type, flag_help, shared_flag
+from ..config import _non_negative_float, _positive_float, _positive_int  # the neurons' validators
 from .wallets import DEFAULT_WALLET_PATH, WalletError, create_wallet, load_wallet
 from .base import ChainError, Metagraph
 from .local import DEFAULT_TEMPO, LocalChain
 
 PROG = "dt-chain"
-# Same default as the neurons' --chain.db, so a bare `dt-chain metagraph` shows their chain.
-DEFAULT_CHAIN_DB = "~/.distributed-training/chain.sqlite"
+# The neurons' definitions and validators: a bad stake or block time fails here in one line as it does in
+# dt-miner, and a bare `dt-chain metagraph` shows the neurons' chain. (`--netuid` is an int whose range
+# the chain itself checks, 0..65535 as in the neurons.)
+CHAIN_DB = shared_flag("chain.db")
+DEFAULT_CHAIN_DB = CHAIN_DB.default
+BLOCK_TIME = Flag("chain.block_time", _positive_float, 1.0, "seconds per block; only used when the file is created")
+TEMPO = Flag("tempo", _positive_int, DEFAULT_TEMPO, "blocks per epoch")
+STAKE = Flag("stake", _non_negative_float, 0.0, "the hotkey's stake")
 EXIT_ERROR = 2
 
 
@@ -32,7 +40,18 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse prints usage + message over two lines and exits; we want one line.
+        message = message[len("argument "):] if message.startswith("argument ") else message
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add(parser: argparse.ArgumentParser, flag: Flag, required: bool = False) -> None:
+    """A flag checked by the neurons' validator, its help showing the default."""
+    parser.add_argument(f"--{flag.name}", dest=flag.name.replace(".", "_"), type=argparse_type(flag),
+                        default=flag.default, required=required, help=flag_help(flag, env=False, required=required))
+
+
+def _add_netuid(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--netuid", type=int, required=True, help="subnet uid, 0..65535 [required]")
 
 
 def _add_wallet_args(parser: argparse.ArgumentParser) -> None:
@@ -45,33 +64,25 @@ def _add_wallet_args(parser: argparse.ArgumentParser) -> None:
 
 def _build_parser() -> _Parser:
     parser = _Parser(prog=PROG, description="Administer the embedded chain; create wallets.")
-    parser.add_argument(
-        "--chain.db", dest="chain_db", default=DEFAULT_CHAIN_DB, help="embedded chain SQLite file"
-    )
-    parser.add_argument(
-        "--chain.block_time",
-        dest="block_time",
-        type=float,
-        default=1.0,
-        help="seconds per block; only used when the file is created",
-    )
+    _add(parser, CHAIN_DB)
+    _add(parser, BLOCK_TIME)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    create = commands.add_parser("create-subnet", help="create a subnet")
-    create.add_argument("--netuid", type=int, required=True)
-    create.add_argument("--tempo", type=int, default=DEFAULT_TEMPO, help="blocks per epoch")
+    create = commands.add_parser("create-subnet", help="create a subnet (and the chain's file if it is missing)")
+    _add_netuid(create)
+    _add(create, TEMPO)
     create.add_argument("--exist-ok", action="store_true", help="succeed if the subnet exists")
 
     register = commands.add_parser("register", help="register a wallet's hotkey on a subnet")
-    register.add_argument("--netuid", type=int, required=True)
+    _add_netuid(register)
     _add_wallet_args(register)
-    register.add_argument("--stake", type=float, default=0.0)
+    _add(register, STAKE)
     register.add_argument("--validator", action="store_true", help="grant a validator permit")
 
     stake = commands.add_parser("set-stake", help="change a registered hotkey's stake / permit")
-    stake.add_argument("--netuid", type=int, required=True)
+    _add_netuid(stake)
     _add_wallet_args(stake)
-    stake.add_argument("--stake", type=float, required=True)
+    _add(stake, STAKE, required=True)
     stake.add_argument(
         "--validator",
         action=argparse.BooleanOptionalAction,
@@ -80,7 +91,7 @@ def _build_parser() -> _Parser:
     )
 
     graph = commands.add_parser("metagraph", help="print a subnet's neurons")
-    graph.add_argument("--netuid", type=int, required=True)
+    _add_netuid(graph)
 
     wallet = commands.add_parser("wallet", help="wallet management")
     wallet_commands = wallet.add_subparsers(dest="wallet_command", metavar="COMMAND", required=True)
@@ -96,7 +107,7 @@ def _open(args: argparse.Namespace, must_exist: bool = False) -> LocalChain:
             f"no embedded chain at {path}; create one with "
             f"`{PROG} --chain.db {path} create-subnet --netuid N`"
         )
-    return LocalChain(path, block_time=args.block_time)
+    return LocalChain(path, block_time=args.chain_block_time, create=not must_exist)
 
 
 def _short(address: str) -> str:

@@ -89,12 +89,15 @@ class LocalChain(Chain):
         *,
         clock: Callable[[], float] = time.time,
         busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        create: bool = True,
     ) -> None:
         """Open (creating if needed) the chain at ``db_path``.
 
         ``block_time`` only applies when this call creates the file: the first
         process fixes genesis and block time so all processes agree on blocks.
         ``clock`` is injectable so tests can advance time without sleeping.
+        With ``create=False`` (the neurons) a missing file is a ChainError: a
+        mistyped ``--chain.db`` must not become a new, empty chain.
         """
         if not (isinstance(block_time, (int, float)) and math.isfinite(block_time)) or block_time <= 0:
             raise ChainError(f"block_time must be a positive number of seconds, got {block_time!r}")
@@ -104,9 +107,15 @@ class LocalChain(Chain):
         # One connection per instance; the lock serializes threads sharing it.
         self._lock = threading.RLock()
         self._conn: Optional[sqlite3.Connection] = None
+        if not create and not self.db_path.is_file():
+            raise ChainError(
+                f"no embedded chain at {self.db_path}; check --chain.db, or create one with "
+                f"`dt-chain --chain.db {self.db_path} create-subnet --netuid N`"
+            )
         try:
-            self.db_path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = self._connect()
+            if create:
+                self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = self._connect(create)
             self._init_schema(float(block_time))
         except ChainError:
             self.close()
@@ -119,13 +128,15 @@ class LocalChain(Chain):
 
     # --- connection plumbing --------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, explicitly.
+    def _connect(self, create: bool = True) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, explicitly; mode=rw never creates the file.
+        target = str(self.db_path) if create else f"{self.db_path.resolve().as_uri()}?mode=rw"
         conn = sqlite3.connect(
-            str(self.db_path),
+            target,
             timeout=self._busy_timeout_s,
             isolation_level=None,
             check_same_thread=False,
+            uri=not create,
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,14 +58,16 @@ class ProcessGroup:
     members: dict[str, Neuron] = field(default_factory=dict)
 
     def start(self, name: str, script: str, args: Sequence[str], state_dir: Path,
-              env: Optional[dict[str, Optional[str]]] = None, prefix: Sequence[str] = ()) -> Neuron:
+              env: Optional[dict[str, Optional[str]]] = None, prefix: Sequence[str] = (),
+              before_exec: Optional[Callable[[], None]] = None) -> Neuron:
         """Start `neurons/<script>` (a `.py` name) or the module `script` with `args`, its state in `state_dir`.
 
         `prefix` goes before the interpreter, e.g. `ip netns exec <namespace>` (it must exec the command,
-        so that the process stopped is the neuron itself)."""
+        so that the process stopped is the neuron itself); `before_exec` runs in the child before it
+        starts (resource limits)."""
         target = [str(REPO_ROOT / "neurons" / script)] if script.endswith(".py") else ["-m", script]
         command = [*prefix, sys.executable, *target, *args, "--neuron.state_dir", str(state_dir)]
-        return self._spawn(name, command, state_dir, env)
+        return self._spawn(name, command, state_dir, env, before_exec)
 
     def start_dht_node(self, name: str, state_dir: Path, args: Sequence[str] = (),
                        prefix: Sequence[str] = ()) -> Neuron:
@@ -75,7 +77,8 @@ class ProcessGroup:
         command = [*prefix, sys.executable, "-m", "distributed_training.ops.dht_node", *args, "--peer-file", str(peer_file)]
         return self._spawn(name, command, state_dir, None)
 
-    def _spawn(self, name: str, command: list[str], state_dir: Path, env: Optional[dict[str, Optional[str]]]) -> Neuron:
+    def _spawn(self, name: str, command: list[str], state_dir: Path, env: Optional[dict[str, Optional[str]]],
+               before_exec: Optional[Callable[[], None]] = None) -> Neuron:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         # A None value removes the variable (e.g. to run a neuron as if no API key were set).
@@ -85,7 +88,7 @@ class ProcessGroup:
             # Each process runs in its own state dir, so a `.env` in the caller's directory does not leak in.
             Path(state_dir).mkdir(parents=True, exist_ok=True)
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env,
-                                       start_new_session=True, cwd=str(state_dir))
+                                       start_new_session=True, cwd=str(state_dir), preexec_fn=before_exec)
         neuron = Neuron(name, process, log_path, Path(state_dir))
         self.members[name] = neuron
         return neuron

@@ -22,6 +22,7 @@ def _operator_errors() -> tuple[type[BaseException], ...]:
     from ..data.assets import AssetsError
     from ..data.pages import DataSourceError
     from ..data.tokenizer import TokenizerError
+    from ..logs import StateDirError
     from ..spec import SpecMismatch
     from ..swarm import HivemindVersionError
     from ..swarm.dht import DHTBootstrapError
@@ -33,7 +34,7 @@ def _operator_errors() -> tuple[type[BaseException], ...]:
 
     return (AssetsError, ChainError, ConfigError, WalletError, NotRegisteredError, CheckpointError,
             DataSourceError, DHTBootstrapError, TokenizerError, PortInUseError, DeviceError, ScoreBookError,
-            SpecMismatch, HivemindVersionError)
+            SpecMismatch, HivemindVersionError, StateDirError)
 
 
 def run_reporting_errors(role: str, run: Callable[[], int]) -> int:

@@ -13,25 +13,43 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
+
+from ..config import Flag, argparse_type, flag_help, shared_flag
+
+
+class ToolParser(argparse.ArgumentParser):
+    """dt-dht's and dt-monitor's flags: the neurons' definitions and validators (`shared_flag`), so a
+    bad value (`--dht.port 99999`, a malformed multiaddr) is refused in one line, exit 2, before any DHT."""
+
+    def add_flag(self, flag: Flag, required: bool = False) -> None:
+        self.add_argument(f"--{flag.name}", dest=flag.name.replace(".", "_").replace("-", "_"),
+                          type=argparse_type(flag), default=flag.default, required=required,
+                          help=flag_help(flag, env=False, required=required))
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        message = message[len("argument "):] if message.startswith("argument ") else message
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     from ..logs import quiet_hivemind
 
     quiet_hivemind(debug=False)
-    parser = argparse.ArgumentParser(prog="dt-dht", description="run a DHT routing node for a swarm")
-    parser.add_argument("--dht.port", dest="port", type=int, default=0)
-    parser.add_argument("--dht.announce_ip", dest="announce_ip", default=None)
-    parser.add_argument("--dht.initial_peers", dest="initial_peers", default="")
-    parser.add_argument("--peer-file", default=None, help="write {peer_id, maddrs} here once the node is up")
+    parser = ToolParser(prog="dt-dht", description="run a DHT routing node for a swarm", allow_abbrev=False)
+    for name in ("dht.port", "dht.announce_ip", "dht.initial_peers"):
+        parser.add_flag(shared_flag(name))
+    parser.add_flag(Flag("peer-file", str, None, "write {peer_id, maddrs} here once the node is up"))
     args = parser.parse_args(argv)
+    if args.dht_announce_ip and not args.dht_port:
+        parser.error("--dht.announce_ip needs a fixed --dht.port: peers cannot reach a random port")
 
     from ..swarm.dht import DHTBootstrapError, DHTSettings, start_dht, visible_maddrs, write_peer_file
 
     try:
-        dht = start_dht(DHTSettings(port=args.port, announce_ip=args.announce_ip,
-                                    initial_peers=[p for p in args.initial_peers.split(",") if p]))
+        dht = start_dht(DHTSettings(port=args.dht_port, announce_ip=args.dht_announce_ip,
+                                    initial_peers=args.dht_initial_peers))
     except DHTBootstrapError as exc:
         print(f"dt-dht: error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,31 @@ def _announce_maddrs(settings: DHTSettings) -> list[str]:
     return addrs
 
 
+class DHTPortInUse(DHTBootstrapError):
+    """`--dht.port` is held by another process (often a neuron or dt-dht of this machine)."""
+
+
+def check_port_free(settings: DHTSettings) -> None:
+    """Refuse a fixed port another process holds, before p2pd starts on it.
+
+    p2pd binds with SO_REUSEPORT, so a second one on the same port starts without an error and the
+    two then split the incoming connections; a plain bind here fails on a port that is held.
+    """
+    if not settings.port:
+        return
+    kinds = [(socket.SOCK_STREAM, "tcp")] + ([(socket.SOCK_DGRAM, "udp")] if settings.use_quic else [])
+    for kind, name in kinds:
+        with socket.socket(socket.AF_INET, kind) as probe:
+            if kind == socket.SOCK_STREAM:  # a closed connection in TIME_WAIT does not hold the port; a listener does
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((settings.host_ip, settings.port))
+            except OSError as exc:
+                raise DHTPortInUse(
+                    f"--dht.port {settings.port} ({name}) is in use ({exc.strerror}): another neuron or dt-dht on "
+                    "this machine may hold it; stop that process or pick another port") from None
+
+
 def start_dht(settings: DHTSettings, record_validators: Sequence = ()) -> hivemind.DHT:
     """Start a DHT and join the initial peers, retrying with exponential back-off.
 
@@ -76,6 +102,7 @@ def start_dht(settings: DHTSettings, record_validators: Sequence = ()) -> hivemi
     sees at least one other peer in its routing table; until then it is torn down and retried,
     because a DHT that never met anyone silently trains alone.
     """
+    check_port_free(settings)
     errors: list[str] = []
     delay, deadline = 1.0, time.monotonic() + settings.timeout
     for attempt in range(1, settings.attempts + 1):

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, os_error_in, write_failure
 from ..spec import RunSpec, SpecMismatch
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -24,10 +24,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be used; the message says why and what to do."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, no permission); the last good one is kept."""
+
+
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     """Save `state` (model/optimizer state dicts, epoch, identity of the run) atomically."""
-    return atomic_write(Path(directory) / CHECKPOINT_NAME,
-                        lambda handle: torch.save({"format": FORMAT_VERSION, **state}, handle))
+    path = Path(directory) / CHECKPOINT_NAME
+    try:
+        return atomic_write(path, lambda handle: torch.save({"format": FORMAT_VERSION, **state}, handle))
+    except Exception as exc:
+        if os_error_in(exc) is None:
+            raise
+        raise CheckpointWriteError(write_failure(path, exc)) from None
 
 
 def load_checkpoint(directory: Path, expect: Optional[dict[str, Any]] = None,

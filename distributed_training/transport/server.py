@@ -6,10 +6,13 @@ Every request passes the same gate, cheapest and least trusting check first:
 2. btauth signature -> 401  (on the raw bytes, before any parsing)
 3. authorize(hotkey) -> 403 (chain policy: registered, validator stake, ...)
 4. JSON schema      -> 422
-5. handler          -> 200, or 500 if it raises (the server keeps serving)
+5. handler          -> 200; its RequestError's status (422: a page id beyond the
+                       miner's data); 500 if it raises anything else (the server keeps serving)
 
 Handlers are plain sync callables run in a threadpool, so a slow training
-step never stalls the event loop that answers other validators.
+step never stalls the event loop that answers other validators. Nothing a
+client sends puts a traceback in the log: every refusal is one INFO line, and a
+client that disconnects mid-body one DEBUG line.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from distributed_training.protocol import (
     IS_ALIVE_PATH,
@@ -45,6 +49,7 @@ __all__ = [
     "Authorize",
     "MinerHandlers",
     "PortInUseError",
+    "RequestError",
     "ServerHandle",
     "build_app",
     "serve_in_thread",
@@ -64,6 +69,15 @@ class MinerHandlers(Protocol):
     def is_alive(self) -> IsAliveResponse: ...
 
     def work(self, req: WorkRequest, caller_hotkey: str) -> WorkResponse: ...
+
+
+class RequestError(ValueError):
+    """Raised by a handler for a well-formed request it cannot answer (a page id beyond its data, another
+    run id): answered ``status`` (422 unless given) with the message, logged as one line, no traceback."""
+
+    def __init__(self, reason: str, status: int = 422) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 class _Rejected(Exception):
@@ -167,9 +181,17 @@ def build_app(
                 try:
                     result = await run_in_threadpool(call, parsed, caller)
                     payload = result.model_dump_json()
+                except RequestError as exc:
+                    raise _Rejected(exc.status, " ".join(str(exc).split())) from None
                 except Exception as exc:
                     logger.exception("handler for %s raised (caller %s)", path, caller)
                     raise _Rejected(500, f"handler failed: {type(exc).__name__}") from None
+            except ClientDisconnect:
+                # Nobody is left to answer; a traceback per aborted connection would let anyone flood the log.
+                client = request.client.host if request.client else "?"
+                logger.debug("POST %s from %s (hotkey %s): client disconnected before the body ended",
+                             target, client, caller)
+                return Response(status_code=400)
             except _Rejected as rej:
                 client = request.client.host if request.client else "?"
                 logger.info(

@@ -82,18 +82,38 @@ class ScoreBook:
         if not path.exists():
             return cls(alpha=alpha)
         try:
-            payload = json.loads(path.read_text())
+            if path.is_dir():
+                raise ValueError("a directory, not a file")
+            payload = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(payload, dict):
                 raise ValueError(f"a JSON {type(payload).__name__}, not an object")
             if payload.get("format") != FORMAT_VERSION:
-                raise ValueError(f"format {payload.get('format')}")
-            entries = {int(uid): UidScore(**entry) for uid, entry in payload["entries"].items()}
+                raise ValueError(f"format {payload.get('format')!r}")
+            rounds, last_block, raw = payload.get("rounds", 0), payload.get("last_weights_block"), payload["entries"]
+            _check("rounds", rounds, int, lambda v: v >= 0)
+            if last_block is not None:
+                _check("last_weights_block", last_block, int, lambda v: v >= 0)
+            if not isinstance(raw, dict):
+                raise ValueError(f"entries is a JSON {type(raw).__name__}, not an object")
+            entries = {int(uid): UidScore(**entry) for uid, entry in raw.items()}
             for uid, entry in entries.items():
-                average = entry.moving_average
-                if (not isinstance(entry.hotkey, str) or isinstance(average, bool)
-                        or not isinstance(average, (int, float)) or not 0.0 <= average <= 1.0):
-                    raise ValueError(f"uid {uid} has hotkey {entry.hotkey!r}, moving_average {average!r}")
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ScoreBookError(f"{path} is not a readable score book ({exc}); move it aside to start from zero") from None
-        return cls(alpha=alpha, entries=entries, rounds=int(payload.get("rounds", 0)),
-                   last_weights_block=payload.get("last_weights_block"))
+                _check(f"uid {uid}: hotkey", entry.hotkey, str, bool)
+                _check(f"uid {uid}: moving_average", entry.moving_average, float, lambda v: 0.0 <= v <= 1.0)
+                if entry.last_score is not None:
+                    _check(f"uid {uid}: last_score", entry.last_score, float, lambda v: 0.0 <= v <= 1.0)
+                _check(f"uid {uid}: answered", entry.answered, int, lambda v: v >= 0)
+                _check(f"uid {uid}: queried", entry.queried, int, lambda v: v >= 0)
+                _check(f"uid {uid}: last_reason", entry.last_reason, str, lambda v: True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the cause
+            if isinstance(exc, KeyError):
+                reason = f"no {reason} field"
+            raise ScoreBookError(f"{path} is not a readable score book ({reason}); move it aside to start from zero") from None
+        return cls(alpha=alpha, entries=entries, rounds=rounds, last_weights_block=last_block)
+
+
+def _check(what: str, value: object, kind: type, ok) -> None:
+    """A field of a loaded book has the right JSON type (an int counts as a float, a bool as neither) and range."""
+    kinds = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
+        raise ValueError(f"{what} is {value!r}")

@@ -337,6 +337,7 @@ def test_concurrent_processes_leave_the_chain_consistent(chain: LocalChain) -> N
 
 
 def test_open_chain_picks_the_backend(tmp_path: Path) -> None:
+    LocalChain(tmp_path / "c.sqlite").close()  # dt-chain's job: a neuron's open_chain never creates the file
     embedded = open_chain("embedded", None, tmp_path / "c.sqlite")
     try:
         assert isinstance(embedded, LocalChain) and embedded.network == "embedded"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from distributed_training import files
 from distributed_training.files import atomic_write_bytes
 from distributed_training.training import checkpoint
 from distributed_training.training.checkpoint import (
-    CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint,
+    CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint,
 )
 
 IDENTITY = {"run_id": "run-a", "preset": "tiny", "tokenizer": "abc123"}
@@ -138,11 +139,42 @@ def test_failed_rename_keeps_previous_checkpoint(tmp_path: Path, monkeypatch) ->
         raise OSError("rename failed")
 
     monkeypatch.setattr(files.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="rename failed"):
+    with pytest.raises(CheckpointWriteError, match="rename failed"):  # an OSError: one line, not a traceback
         save_checkpoint(tmp_path, _state(2))
     monkeypatch.undo()
     assert _names(tmp_path) == [CHECKPOINT_NAME]
     _assert_state_equal(load_checkpoint(tmp_path), _state(1))
+
+
+def test_full_disk_is_one_line_naming_the_path_and_the_free_space(tmp_path: Path, monkeypatch) -> None:
+    save_checkpoint(tmp_path, _state(1))
+    real_save = torch.save
+
+    def full_disk(obj, target, *args, **kwargs):  # what torch raises when the disk fills mid-write
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 10624 vs 10518")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as info:
+        save_checkpoint(tmp_path, _state(2))
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    message = str(info.value)
+    assert str(tmp_path / CHECKPOINT_NAME) in message and "No space left on device" in message
+    assert "MB free there" in message and "\n" not in message
+    assert _names(tmp_path) == [CHECKPOINT_NAME]
+    _assert_state_equal(load_checkpoint(tmp_path), _state(1))
+
+
+def test_stale_temp_files_of_an_interrupted_write_are_removed(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _state(1))
+    (tmp_path / f".{CHECKPOINT_NAME}.abc123.tmp").write_bytes(b"half")
+    (tmp_path / ".scores.json.x9.tmp").write_bytes(b"{")
+    (tmp_path / "notes.tmp").write_bytes(b"an operator's file")  # not one of ours
+    removed = files.remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in removed) == [f".{CHECKPOINT_NAME}.abc123.tmp", ".scores.json.x9.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME, "notes.tmp"]
 
 
 # --- atomic_write_bytes -------------------------------------------------------------------------

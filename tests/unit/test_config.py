@@ -103,6 +103,11 @@ def test_default_when_nothing_is_set(no_dotenv: Path) -> None:
         ("miner", ["--neuron.batch_size", "16", "--neuron.target_batch_size", "8"], "--neuron.target_batch_size",
          "--neuron.batch_size"),
         ("miner", ["--neuron.device", "tpu"], "--neuron.device", "'tpu'"),
+        ("miner", ["--neuron.device", "cudafoo"], "--neuron.device", "'cudafoo' is not auto, cpu, cuda or cuda:N"),
+        ("validator", ["--netuid", "70000"], "--netuid", "between 0 and 65535"),
+        ("miner", ["--dht.initial_peers", f"/ip4/1.2.3.4/tcp/99999/p2p/{PEER_ID}"], "--dht.initial_peers",
+         "Integer not in range(65536)"),
+        ("miner", ["--env-file", "/nonexistent/dir/.env"], "--env-file", "does not exist"),
         ("miner", ["--neuron.behaviour", "copycat"], "--neuron.behaviour", "unrecognized"),  # cheats: localnet only
     ],
 )

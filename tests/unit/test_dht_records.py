@@ -177,3 +177,24 @@ def test_restarted_dht_node_is_not_confused_with_the_stale_peer_file_of_the_last
         peers = group.initial_peers(node)
         assert stale not in peers and peers, peers
         assert all(addr.startswith("/ip4/127.0.0.1/") for addr in peers), peers
+
+
+def test_a_held_port_is_refused_before_p2pd_starts() -> None:
+    """p2pd binds with SO_REUSEPORT, so a second one would start on a held port and split its traffic."""
+    import socket
+
+    from distributed_training.swarm.dht import DHTPortInUse, check_port_free
+
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as p2pd does
+    holder.bind(("0.0.0.0", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        with pytest.raises(DHTPortInUse) as info:
+            start_dht(DHTSettings(port=port))
+        assert f"--dht.port {port} (tcp) is in use" in str(info.value) and "\n" not in str(info.value)
+    finally:
+        holder.close()
+    check_port_free(DHTSettings(port=port))  # free again once the holder is gone

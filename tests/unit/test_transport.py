@@ -341,3 +341,109 @@ def test_protocol_models_are_strict() -> None:
     resp = WorkResponse(run_id="r", round=1, epoch=0, peer_id="p", losses=[0.5], samples_trained=0)
     assert response_mismatch(req, resp) == "1 losses for 2 pages"
     assert json.loads(IsAliveRequest().model_dump_json()) == {}
+
+
+# --------------------------------------------------------------------------- bad input never floods the log
+
+
+def _logged_tracebacks(records: list[logging.LogRecord]) -> list[str]:
+    return [f"{r.name}: {r.getMessage()}" for r in records
+            if r.exc_info or r.levelno >= logging.ERROR or "Traceback" in r.getMessage()]
+
+
+def _real_miner_work(hotkey: str, num_pages: int = 100):
+    """The real `Miner.work` (and its answer hooks) on a stand-in for the trained parts: no torch model."""
+    from types import SimpleNamespace
+
+    from distributed_training.neuron.miner import Miner
+
+    miner = Miner.__new__(Miner)
+    miner.config = SimpleNamespace(neuron=SimpleNamespace(run_id="run-1"))
+    miner.stop_event = threading.Event()
+    miner.asked_pages, miner._pages_lock = [], threading.Lock()
+    miner.metrics = SimpleNamespace(write=lambda *args, **fields: None)
+    miner.parts = SimpleNamespace(source=SimpleNamespace(num_pages=num_pages, page=lambda page: page),
+                                  peer_id="peer-x", trainer=SimpleNamespace(samples_trained=12))
+    miner.snapshots = SimpleNamespace(latest_epoch=lambda: 5, losses_at=lambda epoch, pages: [0.5 * p for p in pages])
+    miner.identity = SimpleNamespace(hotkey=hotkey)
+    return miner
+
+
+@pytest.mark.parametrize(
+    "body, status, reason",
+    [
+        ({"run_id": "run-1", "round": 0, "pages": [10**18]}, 422, "page id 1000000000000000000 is beyond this miner's data"),
+        ({"run_id": "run-1", "round": 0, "pages": [3, 100]}, 422, "page id 100 is beyond this miner's data (pages 0..99)"),
+        ({"run_id": "run-2", "round": 0, "pages": [3]}, 422, "this miner trains run 'run-1', not 'run-2'"),
+        ({"run_id": "run-1", "round": 0, "pages": [10**30]}, 422, "page id 1000000000000000000000000000000 is beyond"),
+    ],
+)
+def test_a_request_the_real_miner_cannot_answer_is_4xx_and_one_log_line(
+    body, status, reason, wallets: Wallets, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    me = wallets.miner.hotkey.ss58_address
+    miner = _real_miner_work(me)
+    app = build_app(self_hotkey=me, authorize=make_authorize(wallets), handlers=miner)
+    with serve_in_thread(app, HOST, 0) as handle:
+        raw = json.dumps(body).encode()
+        for _ in range(3):  # each request: its status and one INFO line, never a 500 and a traceback
+            resp = post(handle.port, WORK_PATH, raw, signed(wallets.validator, raw, me))
+            assert resp.status_code == status, resp.text
+            assert resp.json()["error"].startswith(reason) and "\n" not in resp.json()["error"], resp.text
+        ok = json.dumps({"run_id": "run-1", "round": 0, "pages": [0, 99]}).encode()
+        resp = post(handle.port, WORK_PATH, ok, signed(wallets.validator, ok, me))
+        assert resp.status_code == 200 and WorkResponse.model_validate_json(resp.content).losses == [0.0, 49.5]
+        miner.stop_event.set()
+        resp = post(handle.port, WORK_PATH, ok, signed(wallets.validator, ok, me))
+        assert resp.status_code == 503 and resp.json()["error"] == "miner is not ready to answer"
+    assert not _logged_tracebacks(caplog.records), _logged_tracebacks(caplog.records)
+    rejected = [r.getMessage() for r in caplog.records if "rejected POST /work" in r.getMessage()]
+    assert len(rejected) == 4 and all(r.levelno == logging.INFO for r in caplog.records if "rejected" in r.getMessage())
+
+
+def _abort(port: int, kind: int) -> None:
+    """One unauthenticated connection that gives up somewhere in the request."""
+    import socket
+    import struct
+
+    sock = socket.create_connection((HOST, port), timeout=5)
+    try:
+        head = f"POST {WORK_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        if kind == 1:  # half a request line
+            sock.sendall(b"POST /wo")
+        elif kind == 2:  # the headers, half the declared body
+            sock.sendall((head + "Content-Length: 1000\r\n\r\n").encode() + b'{"run_id": "r", "pa')
+        elif kind == 3:  # the headers, no body yet
+            sock.sendall((head + "Content-Length: 10\r\n\r\n").encode())
+        elif kind == 4:  # a chunked body cut in its first chunk
+            sock.sendall((head + "Transfer-Encoding: chunked\r\n\r\n100\r\n").encode() + b"{" * 20)
+        if kind in (2, 4):  # and a reset instead of a close for some
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        time.sleep(0.002)  # let the server start reading
+    finally:
+        sock.close()  # kind 0: connect and leave at once
+
+
+def test_200_aborted_unauthenticated_connections_add_no_traceback_to_the_log(
+    wallets: Wallets, miner: tuple[ServerHandle, FakeMiner], caplog: pytest.LogCaptureFixture, capfd
+) -> None:
+    """A client that disconnects mid-body is one DEBUG line; nothing anyone sends floods the log."""
+    caplog.set_level(logging.DEBUG)
+    handle, handlers = miner
+    for i in range(200):
+        _abort(handle.port, i % 5)
+    mid_body = sum(1 for i in range(200) if i % 5 in (2, 3, 4))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the server notices each disconnect on its own loop
+        lines = [r for r in caplog.records if "client disconnected before the body ended" in r.getMessage()]
+        if len(lines) >= mid_body:
+            break
+        time.sleep(0.05)
+    assert len(lines) == mid_body and all(r.levelno == logging.DEBUG for r in lines)
+    assert not _logged_tracebacks(caplog.records), _logged_tracebacks(caplog.records)[:3]
+    assert "Traceback" not in capfd.readouterr().err
+    assert not handlers.calls  # nothing reached the handler
+    me = wallets.miner.hotkey.ss58_address
+    resp = post(handle.port, WORK_PATH, GOOD_BODY, signed(wallets.validator, GOOD_BODY, me))
+    assert resp.status_code == 200, resp.text  # and the miner keeps serving
