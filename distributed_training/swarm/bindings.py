@@ -1,0 +1,152 @@
+"""Peer bindings: a hotkey's signed word that a hivemind peer, and the key that signs its DHT records, are its own.
+
+hivemind knows peers by their libp2p peer id and DHT records by the RSA key that signs them; the
+chain knows hotkeys. Nothing ties the two, so any stranger on the DHT can average, serve state and
+publish progress as an equal. A binding closes that gap: the neuron signs, with its bittensor
+hotkey, the statement (run id, hotkey, peer id, record key, issue and expiry time), and publishes
+it in the DHT under its record key. Anyone can check a binding against the metagraph: the hotkey is
+registered (as a miner, or as a validator with a permit), the signature is valid, it has not
+expired, and it is the newest binding of that hotkey (one live peer id per hotkey).
+
+This module makes and checks bindings; the gates that use them (matchmaking, the all-reduce, state
+download, progress records) sit where those happen.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Optional
+
+import hivemind
+import pydantic.v1 as pydantic
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.timed_storage import get_dht_time
+
+BINDING_VERSION = "dt-binding/1"
+MAX_TTL = 3600.0  # seconds a binding may claim to live: a stolen one expires soon
+CLOCK_SKEW = 30.0  # seconds a binding may be issued "in the future" (other machines' clocks)
+
+# Returns None if `hotkey` may take part in the run, else the reason it may not.
+Admission = Callable[[str], Optional[str]]
+
+
+@dataclass(frozen=True)
+class PeerBinding:
+    run_id: str
+    hotkey: str  # ss58
+    peer_id: str  # base58 libp2p peer id
+    record_key: str  # hex of the RSA public key (DHT subkey) that signs this peer's records
+    issued: float  # unix seconds
+    expires: float
+    signature: str = ""  # 0x-hex hotkey signature over `message()`
+
+    def message(self) -> str:
+        """What the hotkey signs: every field but the signature, in a fixed order."""
+        return "\n".join((BINDING_VERSION, self.run_id, self.hotkey, self.peer_id, self.record_key,
+                          f"{self.issued:.3f}", f"{self.expires:.3f}"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check(self, *, run_id: str, admit: Admission, now: Optional[float] = None) -> Optional[str]:
+        """None if this binding holds for `run_id` now, else why not (cheapest checks first)."""
+        from bittensor.wallets import verify_message
+
+        now = time.time() if now is None else now
+        if self.run_id != run_id:
+            return f"binding for run {self.run_id!r}, not {run_id!r}"
+        if self.expires <= now:
+            return f"binding of {self.hotkey} expired {now - self.expires:.0f}s ago"
+        if self.issued > now + CLOCK_SKEW or self.expires - self.issued > MAX_TTL or self.expires <= self.issued:
+            return f"binding of {self.hotkey} has an impossible lifetime ({self.issued:.0f} to {self.expires:.0f})"
+        if not verify_message(self.message(), self.signature, self.hotkey):
+            return f"binding of {self.hotkey} is not signed by that hotkey"
+        return admit(self.hotkey)
+
+
+def bind(hotkey: Any, run_id: str, peer_id: str, record_key: bytes, ttl: float = MAX_TTL,
+         now: Optional[float] = None) -> PeerBinding:
+    """A binding signed with `hotkey` (a bittensor keypair: `wallet.hotkey`)."""
+    if not 0 < ttl <= MAX_TTL:
+        raise ValueError(f"a binding lives at most {MAX_TTL:.0f}s, not {ttl}")
+    issued = time.time() if now is None else now
+    unsigned = PeerBinding(run_id=run_id, hotkey=hotkey.ss58_address, peer_id=peer_id, record_key=record_key.hex(),
+                           issued=round(issued, 3), expires=round(issued + ttl, 3))
+    return replace(unsigned, signature="0x" + bytes(hotkey.sign(unsigned.message().encode())).hex())
+
+
+def admit_registered(metagraph: Callable[[], Any]) -> Admission:
+    """Admission by the metagraph: any registered hotkey (a miner; a validator is one with a permit)."""
+    def admit(hotkey: str) -> Optional[str]:
+        neuron = metagraph().by_hotkey(hotkey)
+        if neuron is None:
+            return f"hotkey {hotkey} is not registered"
+        return None
+
+    return admit
+
+
+class _BindingRecord(pydantic.BaseModel):
+    run_id: pydantic.StrictStr
+    hotkey: pydantic.constr(strict=True, max_length=64)
+    peer_id: pydantic.constr(strict=True, max_length=128)
+    record_key: pydantic.constr(strict=True, max_length=1024)
+    issued: pydantic.StrictFloat
+    expires: pydantic.StrictFloat
+    signature: pydantic.constr(strict=True, max_length=256)
+
+
+class _BindingsSchema(pydantic.BaseModel):
+    bindings: dict[BytesWithPublicKey, Optional[_BindingRecord]]
+
+
+class BindingRecords:
+    """Bindings under `<run_id>_bindings`, one per record key, each stored under (and signed by) that key."""
+
+    def __init__(self, dht: hivemind.DHT, run_id: str, private_key: Optional[RSAPrivateKey] = None):
+        """`private_key`: the key this peer signs its records with (default: the process-wide key)."""
+        self.dht, self.run_id, self.key = dht, run_id, f"{run_id}_bindings"
+        self._signer = RSASignatureValidator(private_key)
+        dht.add_validators([SchemaValidator(_BindingsSchema, prefix=run_id), self._signer])
+
+    @property
+    def record_key(self) -> bytes:
+        """The DHT subkey this peer's records carry: what its binding must name."""
+        return self._signer.local_public_key
+
+    def publish(self, binding: PeerBinding) -> bool:
+        if binding.record_key != self.record_key.hex():
+            raise ValueError("a binding is published under the record key it names")
+        return bool(self.dht.store(self.key, subkey=self.record_key, value=binding.as_dict(),
+                                   expiration_time=min(get_dht_time() + MAX_TTL, binding.expires)))
+
+    def live(self, admit: Admission, now: Optional[float] = None) -> dict[str, PeerBinding]:
+        """The valid bindings by peer id: each stored under the key it names, and the newest of its hotkey."""
+        found = self.dht.get(self.key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        newest: dict[str, PeerBinding] = {}
+        for subkey, entry in found.value.items():
+            try:
+                binding = PeerBinding(**_BindingRecord.parse_obj(entry.value).dict())
+            except (pydantic.ValidationError, TypeError, AttributeError):
+                continue
+            if not _is_hex(binding.record_key) or subkey != bytes.fromhex(binding.record_key):
+                continue  # a record may only speak for the key that signed it
+            if binding.check(run_id=self.run_id, admit=admit, now=now) is not None:
+                continue
+            current = newest.get(binding.hotkey)
+            if current is None or binding.issued > current.issued:
+                newest[binding.hotkey] = binding
+        return {binding.peer_id: binding for binding in newest.values()}
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+        return True
+    except ValueError:
+        return False
