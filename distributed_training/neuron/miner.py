@@ -22,21 +22,18 @@ import torch
 from .. import PROTOCOL_VERSION, __version__
 from ..config import state_dir
 from ..data.pages import batches, training_pages
+from ..files import remove_stale_temps
 from ..logs import MetricsLog
 from ..ops.wandb_sink import open_wandb
 from ..protocol import IsAliveResponse, WorkRequest, WorkResponse
 from ..swarm.dht import MinerRecord
-from ..training.checkpoint import load_checkpoint, save_checkpoint
+from ..training.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from ..training.snapshots import ModelSnapshots
 from ..training.trainer import StepReport
-from .entry import install_stop_handlers
+from .entry import close_in_order, install_stop_handlers
 from .setup import NeuronParts, build_neuron_parts, open_identity
 
 logger = logging.getLogger(__name__)
-
-
-class MinerStopped(RuntimeError):
-    """The miner is shutting down or not ready to answer."""
 
 
 class Miner:
@@ -47,6 +44,7 @@ class Miner:
     def __init__(self, config: SimpleNamespace):
         self.config = config
         self.state_dir = state_dir(config)
+        remove_stale_temps(self.state_dir)  # what a write interrupted by a kill left behind
         self.metrics = MetricsLog(self.state_dir / "metrics.jsonl")
         self.stop_event = threading.Event()
         self.asked_pages: list[int] = []  # pages validators asked about, trained on next
@@ -106,14 +104,9 @@ class Miner:
 
     def _shutdown(self) -> None:
         self.stop_event.set()
-        if self.server is not None:
-            self.server.stop()
-        if self.parts is not None:
-            if self.step > 0:
-                self._save()
-            self.parts.close()
-        if self.identity is not None:
-            self.identity.close()
+        parts, server, identity = self.parts, self.server, self.identity
+        close_in_order(server and server.stop, parts and self.step > 0 and self._save, parts and parts.close,
+                       identity and identity.close)
         self.metrics.write("stop", step=self.step)
         self.metrics.close()
 
@@ -164,8 +157,16 @@ class Miner:
             self._save()
 
     def _save(self) -> None:
-        path = save_checkpoint(self.state_dir, {**self.parts.trainer.state(), "spec": self.parts.spec.as_dict()})
-        self.metrics.write("checkpoint", epoch=self.parts.trainer.local_epoch, path=str(path))
+        """A checkpoint; one that cannot be written (full disk, no permission) is said, and training goes on."""
+        epoch = self.parts.trainer.local_epoch
+        try:
+            path = save_checkpoint(self.state_dir, {**self.parts.trainer.state(), "spec": self.parts.spec.as_dict()})
+        except CheckpointWriteError as exc:
+            logger.error("%s; training goes on without a checkpoint of epoch %d (the last good one is kept)",
+                         exc, epoch)
+            self.metrics.write("checkpoint_failed", epoch=epoch, reason=str(exc))
+            return
+        self.metrics.write("checkpoint", epoch=epoch, path=str(path))
 
     def _publish_record(self) -> None:
         trainer = self.parts.trainer
@@ -178,11 +179,16 @@ class Miner:
         return pages
 
     def _batches(self) -> Iterator[torch.Tensor]:
-        """Sequences from the pages validators asked about first, then from this uid's own assignment."""
+        """Sequences from the pages validators asked about first, then from this uid's own assignment.
+
+        The next `--data.prefetch` pages are fetched in the background while earlier ones train
+        (so asked pages join at the first round boundary that many pages ahead)."""
+        from ..data.prefetch import read_ahead
+
         source, cfg = self.parts.source, self.config
         pages = training_pages(self.uid or 0, cfg.data.seed, pages_per_round=cfg.neuron.pages_per_round,
                                num_pages=source.num_pages, asked=self._take_asked_pages)
-        return batches(source, pages, cfg.neuron.batch_size)
+        return batches(source, read_ahead(source, pages, cfg.data.prefetch), cfg.neuron.batch_size)
 
     # -- answering validators -------------------------------------------------------------------
     def is_alive(self) -> IsAliveResponse:
@@ -191,13 +197,22 @@ class Miner:
                                peer_id=self.parts.peer_id if self.parts else "", epoch=epoch or 0, uid=self.uid)
 
     def work(self, req: WorkRequest, caller_hotkey: str) -> WorkResponse:
-        """Called on an HTTP thread: losses on the requested pages from this epoch's model copy."""
+        """Called on an HTTP thread: losses on the requested pages from this epoch's model copy.
+
+        A request this miner cannot answer (not ready yet, another run id, a page id beyond its data)
+        is a RequestError: a 4xx/503 with the reason and one log line, never a 500 with a traceback."""
+        from ..transport.server import RequestError  # only ever called by that server
+
         parts, cfg = self.parts, self.config
         epoch = self.snapshots.latest_epoch() if self.snapshots else None
         if self.stop_event.is_set() or parts is None or epoch is None:
-            raise MinerStopped("miner is not ready to answer")
+            raise RequestError("miner is not ready to answer", status=503)
         if req.run_id != cfg.neuron.run_id:
-            raise ValueError(f"this miner trains run {cfg.neuron.run_id!r}, not {req.run_id!r}")
+            raise RequestError(f"this miner trains run {cfg.neuron.run_id!r}, not {req.run_id!r}")
+        beyond = [page for page in req.pages if page >= parts.source.num_pages]
+        if beyond:
+            raise RequestError(f"page id {beyond[0]} is beyond this miner's data (pages 0..{parts.source.num_pages - 1}); "
+                               "miner and validator disagree on the --data.* settings")
         page_ids = self.answer_pages(req)
         losses = self.answer_losses(epoch, page_ids)
         with self._pages_lock:

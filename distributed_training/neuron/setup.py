@@ -55,32 +55,58 @@ class NeuronParts:
 
 
 def build_data(config: SimpleNamespace) -> tuple["ModelPreset", int, "Tokenizer", "PageSource"]:
-    """Tokenizer and page source for this run; identical in every process of the run."""
+    """Tokenizer and page source for this run; identical in every process of the run.
+
+    The offline corpus is in memory and served as it is; any other source is read through a
+    `PagePrefetcher` (unless `--data.prefetch 0`), so pages are fetched off the training thread.
+    """
     from ..data.sources import make_page_source
     from ..data.tokenizer import load_tokenizer
     from ..training.model import get_preset
 
     preset = get_preset(config.model.preset)
     seq_len = config.model.seq_len or preset.seq_len
-    assets_dir = Path(config.data.assets_dir).expanduser() if config.data.assets_dir else None
-    tokenizer = load_tokenizer(config.data.source, assets_dir, hf_name=config.data.tokenizer)
+    data = config.data
+    assets_dir = Path(data.assets_dir).expanduser() if data.assets_dir else None
+    tokenizer = load_tokenizer(data.source, assets_dir, hf_name=data.tokenizer)
+    common = dict(tokenizer=tokenizer, assets_dir=assets_dir, seq_len=seq_len, page_size=data.page_size)
+    if data.source == "local":
+        return preset, seq_len, tokenizer, make_page_source("local", **common)
+    from ..data.prefetch import PagePrefetcher
+
+    cache = Path(data.cache_dir or "~/.cache/distributed-training/data").expanduser()
     source = make_page_source(
-        config.data.source, tokenizer=tokenizer, assets_dir=assets_dir, seq_len=seq_len,
-        page_size=config.data.page_size, hf_dataset=config.data.dataset, hf_config=config.data.dataset_config,
-        hf_split=config.data.split, hf_text_field=config.data.text_field, hf_data_files=config.data.files,
+        data.source, **common, hf_dataset=data.dataset, hf_config=data.dataset_config, hf_split=data.split,
+        hf_text_field=data.text_field, hf_data_files=data.files, hf_rows_per_page=data.rows_per_page,
+        hf_revision=data.revision, index_cache_dir=cache / "index",
     )
+    if data.prefetch:
+        source = PagePrefetcher(source, memory_pages=max(256, 4 * data.prefetch), cache_dir=cache / "pages",
+                                cache_bytes=data.cache_mb << 20)
     return preset, seq_len, tokenizer, source
 
 
-def trainer_settings(config: SimpleNamespace) -> "TrainerSettings":
-    """The trainer's settings from the flags; `DiLoCoSettings` in DiLoCo mode."""
+def trainer_settings(config: SimpleNamespace, device: Optional[torch.device] = None,
+                     micro_batch_size: Optional[int] = None) -> "TrainerSettings":
+    """The trainer's settings from the flags; `DiLoCoSettings` in DiLoCo mode.
+
+    `device` decides the per-device defaults: torch.compile under `--model.compile auto` and one host
+    sync per step on CUDA (the CPU keeps checking each loss before its backward); `micro_batch_size`
+    is the one chosen for the device (`training.step.choose_micro_batch`), else the flag's.
+    """
+    from ..training.step import resolve_compile
     from ..training.trainer import DiLoCoSettings, TrainerSettings
 
-    cfg, training = config.neuron, config.training
+    cfg, training, model = config.neuron, config.training, config.model
+    device = device or torch.device("cpu")
     common = dict(
         run_id=cfg.run_id, batch_size=cfg.batch_size, target_batch_size=cfg.target_batch_size,
         matchmaking_time=cfg.matchmaking_time, averaging_timeout=cfg.averaging_timeout, lr=cfg.lr,
         weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, compression=cfg.grad_compression,
+        compile=resolve_compile(model.compile, device),
+        micro_batch_size=cfg.micro_batch_size if micro_batch_size is None else micro_batch_size,
+        sync_every=1 if device.type == "cuda" else 0,
+        offload_optimizer=training.offload_optimizer,
     )
     if training.mode == "diloco":
         return DiLoCoSettings(**common, inner_steps=training.inner_steps, outer_lr=training.outer_lr,
@@ -93,6 +119,7 @@ def build_neuron_parts(config: SimpleNamespace, metrics: Optional[MetricsLog] = 
     from ..spec import RunSpec
     from ..swarm.dht import DHTSettings, MinerRecords, RunSpecRecords, start_dht, write_peer_file
     from ..training.model import build_model, count_parameters, pick_device
+    from ..training.step import choose_micro_batch
     from ..training.trainer import build_trainer
 
     if config.neuron.torch_threads:
@@ -109,11 +136,16 @@ def build_neuron_parts(config: SimpleNamespace, metrics: Optional[MetricsLog] = 
         maddrs = write_peer_file(state_dir(config) / "dht.json", dht)
         logger.info("DHT up as %s; other peers can join with --dht.initial_peers %s", peer_id, maddrs[0])
         device = pick_device(config.neuron.device)
-        model = build_model(preset, tokenizer.vocab_size, seq_len, seed=config.neuron.seed)
+        model = build_model(preset, tokenizer.vocab_size, seq_len, seed=config.neuron.seed,
+                            vocab_multiple=spec.vocab_multiple, loss_kernel=spec.loss_kernel)
         num_params = count_parameters(model)
-        logger.info("model %s: %.2fM parameters, vocab %d, seq_len %d, device %s, run spec %s",
-                    preset.name, num_params / 1e6, tokenizer.vocab_size, seq_len, device, spec.digest[:12])
-        trainer = build_trainer(model, dht, trainer_settings(config), device)
+        micro = choose_micro_batch(model, device, config.neuron.batch_size, seq_len, config.neuron.micro_batch_size)
+        settings = trainer_settings(config, device, micro)
+        logger.info("model %s: %.2fM parameters, vocab %d (embedding %d), %s loss, seq_len %d, device %s "
+                    "(compile %s, micro-batch %s), run spec %s", preset.name, num_params / 1e6, tokenizer.vocab_size,
+                    model.config.vocab_size, spec.loss_kernel, seq_len, device, settings.compile,
+                    micro or "whole batch", spec.digest[:12])
+        trainer = build_trainer(model, dht, settings, device)
         records = MinerRecords(dht, spec.run_id)
     except BaseException:
         dht.shutdown()

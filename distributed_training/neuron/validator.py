@@ -19,6 +19,8 @@ from typing import Optional
 from .. import PROTOCOL_VERSION
 from ..config import state_dir
 from ..data.pages import assign_pages
+from ..files import remove_stale_temps, write_failure
+from ..data.prefetch import prefetch
 from ..logs import MetricsLog
 from ..ops.wandb_sink import open_wandb
 from ..protocol import WORK_PATH, WorkRequest, WorkResponse, response_mismatch
@@ -26,7 +28,7 @@ from ..transport import MinerClient, Target
 from ..validation.follower import SwarmFollower
 from ..validation.scoring import ScoreBook
 from ..validation.verify import Tolerance, Verdict, judge, matching_epoch, no_response
-from .entry import install_stop_handlers
+from .entry import close_in_order, install_stop_handlers
 from .setup import build_neuron_parts, open_identity
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class Validator:
     def __init__(self, config: SimpleNamespace):
         self.config = config
         self.state_dir = state_dir(config)
+        remove_stale_temps(self.state_dir)  # what a write interrupted by a kill left behind
         self.metrics = MetricsLog(self.state_dir / "metrics.jsonl")
         self.stop_event = threading.Event()
         self.identity = open_identity(config)
@@ -80,9 +83,7 @@ class Validator:
             self.stop_event.wait(min(1.0, remaining))
 
     def _shutdown(self) -> None:
-        if self.parts is not None:
-            self.parts.close()
-        self.identity.close()
+        close_in_order(self.parts and self.parts.close, self.identity.close)
         self.metrics.write("stop", rounds=self.book.rounds)
         self.metrics.close()
 
@@ -106,6 +107,7 @@ class Validator:
                                                   num_pages=source.num_pages))
             for n in sampled
         }
+        prefetch(source, [p for request in requests.values() for p in request.pages])  # any may be recomputed
         targets = [Target(uid=n.uid, hotkey=n.hotkey, ip=n.ip, port=n.port) for n in sampled]
         # Epoch lag is judged against the swarm as it was when the question was asked: an epoch
         # that ends while miners answer must not make a prompt miner look stale.
@@ -129,7 +131,7 @@ class Validator:
         verify_time = time.monotonic() - verify_started
         self.book.rounds += 1
         self._maybe_set_weights(block)
-        self.book.save(self.book_path)
+        self._save_book()
         self.metrics.write("round", round=self.book.rounds, block=block, swarm_epoch=self.follower.swarm_epoch,
                            query_s=query_time, sync_s=sync_time, verify_s=verify_time, verified=len(rows), rows=rows)
         self._log_table(rows, block, query_time, verify_time)
@@ -166,6 +168,15 @@ class Validator:
         return verdict, {"epoch": response.epoch, "reported": reported, "recomputed": best,
                          "samples_trained": response.samples_trained, "recompute_s": recompute_time,
                          "recomputed_pages": len(pages) * len(recomputed)}
+
+    def _save_book(self) -> None:
+        """Persist the score book; one that cannot be written is said every round, and validating goes on
+        (the weights come from the book in memory; the last good file is kept for a restart)."""
+        try:
+            self.book.save(self.book_path)
+        except OSError as exc:
+            logger.error("%s; validating goes on, the scores of this round are not saved", write_failure(self.book_path, exc))
+            self.metrics.write("scores_not_saved", round=self.book.rounds, reason=str(exc))
 
     def _maybe_set_weights(self, block: int) -> None:
         last = self.book.last_weights_block

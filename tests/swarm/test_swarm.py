@@ -88,11 +88,16 @@ def test_three_miners_average_together_and_end_equal(tmp_path):
 # Enough epochs that, on a loaded machine where the joiner may need until epoch 8 to join, epochs remain
 # after the kill for the survivors to average together.
 MAX_EPOCHS = 13
+# Four miners on two cores: at 240 samples an epoch lasts about as long as the joiner's state download
+# plus one matchmaking window, so a joiner that reloads state on every other step keeps arriving after
+# the others formed their group and can go the whole run without an all-reduce of all four. 1.5x the
+# samples gives it an epoch's margin to reach matchmaking in time.
+LATE_JOINER_TARGET = 360
 
 
 def test_late_joiner_syncs_and_killed_miner_does_not_stop_the_swarm(tmp_path):
     run_id = f"t-{uuid.uuid4().hex[:8]}"
-    extra = ["--neuron.max_epochs", str(MAX_EPOCHS)]
+    extra = ["--neuron.max_epochs", str(MAX_EPOCHS), "--neuron.target_batch_size", str(LATE_JOINER_TARGET)]
     with ProcessGroup(tmp_path / "logs") as group:
         peers = group.initial_peers(group.start_dht_node("dht", tmp_path / "dht"))
         for i in (0, 1, 2):
