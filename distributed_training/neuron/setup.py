@@ -51,7 +51,10 @@ class NeuronParts:
         try:
             self.trainer.shutdown()
         finally:
-            self.dht.shutdown()
+            try:
+                self.dht.shutdown()
+            finally:
+                getattr(self.source, "close", lambda: None)()  # a prefetcher's reading threads
 
 
 def build_data(config: SimpleNamespace) -> tuple["ModelPreset", int, "Tokenizer", "PageSource"]:

@@ -266,8 +266,10 @@ hub = make_page_source("hf", hf_dataset="org/web", hf_config=None, **kw,
                        hub_fs=DirFileSystem(path=a["root"], fs=fsspec.filesystem("file")))
 ahead = PagePrefetcher(hub, cache_dir=a["cache"], cache_bytes=1 << 20)
 ahead.prefetch(a["ids"])
-print(json.dumps({"digest": [local.digest, hub.digest], "local": pages_digest(local, a["ids"]),
-                  "hub": pages_digest(hub, a["ids"]), "prefetched": pages_digest(ahead, a["ids"])}))
+result = {"digest": [local.digest, hub.digest], "local": pages_digest(local, a["ids"]),
+          "hub": pages_digest(hub, a["ids"]), "prefetched": pages_digest(ahead, a["ids"])}
+ahead.close()  # as a neuron does: no read may still run in a thread while the interpreter tears pyarrow down
+print(json.dumps(result))
 """
 
 
