@@ -21,10 +21,6 @@ from .model import page_losses
 StateDict = dict[str, torch.Tensor]
 
 
-def cpu_copy(state: StateDict) -> StateDict:
-    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
-
-
 class ModelSnapshots:
     """Thread-safe: snapshots are added by the training side and read by request handlers."""
 
