@@ -31,6 +31,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from .compression import codec, uncompressed
 from .hivemind_private import PseudoGradientAverager, by_peer_id
+from .robust import RobustRule
 from .progress import read_peer_progress
 
 logger = logging.getLogger(__name__)
@@ -43,9 +44,11 @@ class OuterAveraging:
 
     def __init__(self, dht: hivemind.DHT, buffers: Sequence[torch.Tensor], *, run_id: str, target_batch_size: int,
                  matchmaking_time: float, averaging_timeout: float, compression: str, state_source: StateSource,
-                 timing: Any, progress_key: Optional[RSAPrivateKey] = None):
+                 timing: Any, progress_key: Optional[RSAPrivateKey] = None, guard: Any = None,
+                 robust_rule: Optional[RobustRule] = None):
         """`progress_key` signs this peer's progress records (default: the process-wide key, as hivemind
-        does); only several peers in one process, as in tests, need keys of their own."""
+        does); only several peers in one process, as in tests, need keys of their own. `guard` and
+        `robust_rule` go to the averager (see `hivemind_private.GuardedAveraging`)."""
         self.dht, self.run_id, self.timing = dht, run_id, timing
         self.matchmaking_time, self.averaging_timeout = matchmaking_time, averaging_timeout
         self._scheduled: Optional[StepControl] = None  # matchmaking started ahead of the epoch's end
@@ -54,7 +57,7 @@ class OuterAveraging:
                                        private_key=progress_key, start=True)
         try:
             self.averager = PseudoGradientAverager(
-                list(buffers), dht, prefix=f"{run_id}_diloco", start=False,
+                list(buffers), dht, prefix=f"{run_id}_diloco", start=False, guard=guard, robust_rule=robust_rule,
                 min_matchmaking_time=matchmaking_time,
                 request_timeout=min(3.0, matchmaking_time / 2),
                 allreduce_timeout=averaging_timeout,

@@ -108,7 +108,8 @@ class DiLoCoTrainer(Trainer):
             dht, [torch.zeros_like(param) for param in self._global_params], run_id=settings.run_id,
             target_batch_size=settings.target_batch_size, matchmaking_time=settings.matchmaking_time,
             averaging_timeout=settings.averaging_timeout, compression=settings.compression,
-            state_source=self._state_for_peers, timing=self.timing, progress_key=progress_key)
+            state_source=self._state_for_peers, timing=self.timing, progress_key=progress_key,
+            guard=settings.guard("pseudo-gradients"), robust_rule=settings.robust)
 
     # -- progress -------------------------------------------------------------------------------
     @property

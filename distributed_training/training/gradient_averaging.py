@@ -73,6 +73,8 @@ class GradientAveragingTrainer(Trainer):
             averager_opts={"request_timeout": max(0.5, min(3.0, settings.matchmaking_time / 2))},
             verbose=False,
             timing=self.timing,
+            guards=settings.guard,
+            robust_rule=settings.robust,
         )
 
     @torch.no_grad()

@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
+from ..swarm.guard import AveragingGuard, BanRule
+from ..swarm.robust import RobustRule
 from .timing import TimeSplit
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,13 @@ class TrainerSettings:
     # checks on the device and reads once every N steps, reporting the window with its last step
     sync_every: int = 0
     offload_optimizer: bool = True  # swarm mode: hivemind's AdamW on a host copy (False: on the device)
+    # what every reducer computes and whom this peer bans (both modes; see swarm/robust.py, swarm/guard.py)
+    robust: RobustRule = RobustRule()
+    bans: BanRule = BanRule()
+
+    def guard(self, name: str) -> AveragingGuard:
+        """The guard of one of this peer's averagers."""
+        return AveragingGuard(name, self.bans)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,92 @@
+"""Who an averager lets into its groups: admitted peers that are not banned, decided in one place.
+
+Each averager (the gradient and state averagers of swarm mode, DiLoCo's outer averager) runs its
+RPCs and all-reduces in its own hivemind process, and holds its own `AveragingGuard` there (given
+at construction, so it is in force from the first RPC). The guard answers `refuse(peer, where)`
+for every peer that asks to join a group this peer leads, sends it parts, asks for its state, or
+is listed in a group it was put in; and hears, after each all-reduce, what this peer's reducer
+found wrong with each sender (`robust.NON_FINITE`, `robust.CLIPPED`).
+
+Bans count in all-reduce rounds of that averager: one round is one global epoch in both modes.
+A sender whose parts were not finite is banned at once; one clipped in `clip_strikes` consecutive
+rounds is banned too. A banned peer is refused for `ban_rounds` rounds, then admitted again (its
+strikes start over). Refusals are logged once per peer and reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+from .robust import CLIPPED, NON_FINITE
+
+logger = logging.getLogger(__name__)
+
+# Returns None if the peer (base58 id) may average with this one, else why not.
+PeerAdmission = Callable[[str], Optional[str]]
+
+
+@dataclass(frozen=True)
+class BanRule:
+    ban_rounds: int = 10  # rounds a banned peer is refused
+    clip_strikes: int = 2  # consecutive clipped rounds that earn a ban
+
+    def __post_init__(self) -> None:
+        if self.ban_rounds < 1 or self.clip_strikes < 1:
+            raise ValueError(f"ban_rounds and clip_strikes must be at least 1, not {self.ban_rounds}, {self.clip_strikes}")
+
+
+class AveragingGuard:
+    def __init__(self, name: str, rule: BanRule = BanRule(), admit: Optional[PeerAdmission] = None,
+                 on_ban: Optional[Callable[[str, str], None]] = None):
+        """`name` says which averager in the log; `admit` checks a peer beyond bans (its binding);
+        `on_ban(peer, reason)` hears each new ban (for the miner's metrics)."""
+        self.name, self.rule, self.admit, self.on_ban = name, rule, admit, on_ban
+        self.rounds = 0
+        self.banned_until: dict[str, int] = {}  # peer -> first round it is admitted again
+        self.strikes: dict[str, int] = {}
+        self._logged: set[tuple[str, str]] = set()
+
+    def ban_reason(self, peer: str) -> Optional[str]:
+        until = self.banned_until.get(peer)
+        if until is None:
+            return None
+        if self.rounds >= until:
+            del self.banned_until[peer]
+            return None
+        return f"banned for {until - self.rounds} more round(s)"
+
+    def refuse(self, peer: str, where: str) -> Optional[str]:
+        """None if `peer` may take part at `where` (matchmaking, all-reduce, group, state ...), else why not."""
+        reason = self.ban_reason(peer)
+        if reason is None and self.admit is not None:
+            reason = self.admit(peer)
+        if reason is not None and (peer, reason.split(" for ")[0]) not in self._logged:
+            self._logged.add((peer, reason.split(" for ")[0]))
+            logger.warning("%s: refusing %s at %s: %s", self.name, peer, where, reason)
+        return reason
+
+    def record(self, verdicts: dict[str, str], members: Iterable[str]) -> None:
+        """One all-reduce round ended; `verdicts` are this peer's reducer's findings by sender."""
+        self.rounds += 1
+        for peer in members:
+            verdict = verdicts.get(peer)
+            if verdict == NON_FINITE:
+                self._ban(peer, "sent non-finite values")
+            elif verdict == CLIPPED:
+                self.strikes[peer] = self.strikes.get(peer, 0) + 1
+                logger.warning("%s: %s's part was clipped (%d of %d strikes)", self.name, peer,
+                               self.strikes[peer], self.rule.clip_strikes)
+                if self.strikes[peer] >= self.rule.clip_strikes:
+                    self._ban(peer, f"clipped in {self.strikes[peer]} consecutive rounds")
+            else:
+                self.strikes.pop(peer, None)
+
+    def _ban(self, peer: str, why: str) -> None:
+        self.strikes.pop(peer, None)
+        self.banned_until[peer] = self.rounds + self.rule.ban_rounds
+        self._logged = {(p, r) for p, r in self._logged if p != peer}
+        logger.warning("%s: banning %s for %d rounds: %s", self.name, peer, self.rule.ban_rounds, why)
+        if self.on_ban is not None:
+            self.on_ban(peer, why)

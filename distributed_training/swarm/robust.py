@@ -1,0 +1,94 @@
+"""The robust mean every reducer of an all-reduce part computes: no single sender can wreck the average.
+
+hivemind's reducer adds each sender's part, times the weight the sender declares, and divides: one
+NaN makes every parameter of every member NaN, and one part scaled by -100 or a declared weight of
+1e9 sets the direction of the whole swarm. Here a reducer waits for every sender's part and then:
+
+1. rejects a part, or a weight, that is not finite (the sender counts with weight 0);
+2. caps each declared weight at `weight_cap` times the median weight, so nobody outvotes the group;
+3. takes the coordinate-wise median of the parts as the center `c`, and clips every part's
+   distance to it at `tau = clip_factor * median_i ||x_i - c||` (one step of CenteredClip);
+4. returns `c + sum_i w_i * clip(x_i - c) / sum_i w_i`.
+
+The bound: member j's term is `w_j * clip(x_j - c) / W`, of norm at most `w_j * tau / W`, however it
+scales or randomises its part; `c` and `tau` are medians, so while the others are a majority they
+stay within the others' range. When no member is clipped (honest peers of one swarm, `clip_factor`
+large enough) step 4 is exactly the weighted mean, so honest training loses nothing.
+
+Every member's reducer is deterministic in the parts it received, and each part has one reducer
+whose output is sent, as the same bytes, to every member (the consensus all-reduce).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+NON_FINITE = "non-finite"
+CLIPPED = "clipped"
+
+
+class NothingToAverage(ValueError):
+    """No sender contributed a finite part with a positive weight."""
+
+
+@dataclass(frozen=True)
+class RobustRule:
+    clip_factor: float = 4.0  # parts farther than this many median distances from the center are clipped
+    weight_cap: float = 4.0  # a declared weight counts at most this many median weights
+
+    def __post_init__(self) -> None:
+        if not self.clip_factor >= 1.0:
+            raise ValueError(f"clip_factor must be at least 1 (the median member is never clipped), not {self.clip_factor}")
+        if not self.weight_cap >= 1.0:
+            raise ValueError(f"weight_cap must be at least 1, not {self.weight_cap}")
+
+
+def _lower_median(values: torch.Tensor) -> torch.Tensor:
+    return values.median(dim=0).values  # torch's median is the lower one for an even count: a member's own value
+
+
+def robust_average(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: RobustRule
+                   ) -> tuple[torch.Tensor, list[Optional[str]]]:
+    """The robust mean of `parts` (one per sender, same shape) and each sender's verdict (None: used as sent)."""
+    if len(parts) != len(weights) or not parts:
+        raise ValueError(f"{len(parts)} parts and {len(weights)} weights")
+    verdicts: list[Optional[str]] = [None] * len(parts)
+    usable = []
+    for i, (part, weight) in enumerate(zip(parts, weights)):
+        if not (isinstance(weight, (int, float)) and weight == weight and 0 <= weight < float("inf")) \
+                or not bool(torch.isfinite(part).all()):
+            verdicts[i] = NON_FINITE
+        elif weight > 0:
+            usable.append(i)
+    if not usable:
+        raise NothingToAverage("no sender contributed a finite part with a positive weight")
+
+    stacked = torch.stack([parts[i].reshape(-1).to(torch.float32) for i in usable])
+    declared = torch.tensor([float(weights[i]) for i in usable], dtype=torch.float32)
+    capped = torch.minimum(declared, rule.weight_cap * _lower_median(declared))
+
+    center = _lower_median(stacked)
+    offsets = stacked - center
+    distances = offsets.norm(dim=1)
+    tau = rule.clip_factor * _lower_median(distances)
+    scale = torch.where(distances > tau, tau / distances.clamp_min(1e-30), torch.ones_like(distances))
+    for row, i in enumerate(usable):
+        if distances[row] > tau:
+            verdicts[i] = CLIPPED
+
+    average = center + (capped * scale) @ offsets / capped.sum()
+    return average.reshape(parts[usable[0]].shape).to(parts[usable[0]].dtype), verdicts
+
+
+def influence_bound(weights: Sequence[float], member: int, parts: Sequence[torch.Tensor], rule: RobustRule) -> float:
+    """How far member `member`'s term can move `robust_average(parts, weights)`: w_j * tau / W (see the module doc)."""
+    finite = [i for i, p in enumerate(parts) if bool(torch.isfinite(p).all()) and weights[i] > 0]
+    declared = torch.tensor([float(weights[i]) for i in finite])
+    capped = torch.minimum(declared, rule.weight_cap * _lower_median(declared))
+    stacked = torch.stack([parts[i].reshape(-1).to(torch.float32) for i in finite])
+    center = _lower_median(stacked)
+    tau = rule.clip_factor * _lower_median((stacked - center).norm(dim=1))
+    return float(capped[finite.index(member)] * tau / capped.sum())
