@@ -1,0 +1,37 @@
+"""A miner that trains, then poisons its all-reduce contribution: the honest swarm bans it and trains on.
+
+Two honest miners and one poisoner (`localnet.cheats.PoisonerMiner`, a real process) from epoch 3 on,
+in both training modes (`localnet.drills`). The held-out loss against the same run without the
+poisoner, for every poison in both modes, is `bench/poisoning.py`'s table in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from distributed_training.localnet.drills import POISON_FROM, held_out_loss, run_poison_drill
+
+MAX_EPOCHS = 6
+BAN_WITHIN = 2  # epochs after the first poisoned one
+
+
+@pytest.mark.parametrize("mode, poison", [("swarm", "nan"), ("diloco", "scale")])
+def test_a_poisoner_is_banned_and_the_honest_miners_train_on_together(tmp_path, mode, poison):
+    drill = run_poison_drill(tmp_path, mode, poison, max_epochs=MAX_EPOCHS)
+    for index in range(2):
+        # no honest miner met a non-finite value: the poisoned parts never reached a model
+        assert drill.skips(index) == []
+        epochs = drill.epochs(index)
+        assert [e["epoch"] for e in epochs] == list(range(1, MAX_EPOCHS + 1)), epochs
+        # banned within BAN_WITHIN epochs: no later group of an honest miner has it
+        late = [e for e in epochs if e["epoch"] > POISON_FROM + BAN_WITHIN]
+        assert late and all(drill.adversary not in (e["group"] or ()) for e in late), \
+            [(e["epoch"], e["group"]) for e in epochs]
+        # and the honest pair kept training: the loss fell after the attack began
+        by_epoch = {e["epoch"]: e["loss"] for e in epochs}
+        assert by_epoch[MAX_EPOCHS] < by_epoch[POISON_FROM], by_epoch
+    assert any(f"banning {drill.adversary}" in log for log in drill.logs.values()), "no honest miner logged the ban"
+    assert drill.largest_difference() <= 1e-5
+    loss = held_out_loss(drill.dirs[0])
+    print(f"\n{mode}/{poison}: honest held-out loss after {MAX_EPOCHS} epochs {loss:.4f}")
+    assert loss == loss and loss < 10.8  # finite, and below the untrained model's ~ln(50257)
