@@ -10,7 +10,9 @@ swarm starts them with `python -m distributed_training.localnet.cheats --cheat K
 - lazy: trains nothing, follows the swarm's model and answers from it;
 - stale: trains nothing and answers from the model it started with;
 - poisoner: trains, then from epoch `--cheat.poison_from` on sends a corrupted gradient (swarm mode)
-  or pseudo-gradient (DiLoCo) to the all-reduce: `--cheat.poison nan|scale|noise`.
+  or pseudo-gradient (DiLoCo) to the all-reduce: `--cheat.poison nan|scale|noise`;
+- intruder: no registration, no binding: a stranger on the DHT that trains and tries to join the
+  run's all-reduce and to download its state.
 """
 
 from __future__ import annotations
@@ -145,8 +147,18 @@ class PoisonerMiner(Miner):
             grad_averager.load_accumulators_into_averager_ = poisoned_load
 
 
+class IntruderMiner(Miner):
+    """A plain miner without a wallet (`--neuron.swarm_only`, whatever its flags say): it binds nothing."""
+
+    kind = "intruder"
+
+    def __init__(self, config: SimpleNamespace):
+        config.neuron.swarm_only = True
+        super().__init__(config)
+
+
 CHEATS: dict[str, type[Miner]] = {cls.kind: cls for cls in (DeadMiner, LiarMiner, CopycatMiner, LazyMiner,
-                                                            StaleMiner, PoisonerMiner)}
+                                                            StaleMiner, PoisonerMiner, IntruderMiner)}
 
 
 def make_cheat(kind: str, config: SimpleNamespace, copy_uid: Optional[int] = None, poison_kind: str = "scale",

@@ -28,7 +28,8 @@ from .processes import Neuron, ProcessFailed, ProcessGroup, free_port
 PROG = "dt-local-swarm"
 COLDKEY = "localnet"
 VALIDATOR = "validator"
-ADVERSARIES = (("dead", "dead"), ("liars", "liar"), ("copycats", "copycat"), ("lazy", "lazy"), ("stale", "stale"))
+ADVERSARIES = (("dead", "dead"), ("liars", "liar"), ("copycats", "copycat"), ("lazy", "lazy"), ("stale", "stale"),
+               ("poisoners", "poisoner"))
 CHEAT_MODULE = "distributed_training.localnet.cheats"
 MARKER = ".dt-local-swarm"  # only directories carrying it are ever wiped
 STARTUP_TIMEOUT = 300.0  # seconds for every miner to join (9 processes importing torch on 2 cores is slow)
@@ -90,6 +91,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
               ("--plot", Path, None, "loss plot (default <work-dir>/loss.png)")]
     for flag, kind, default, text in flags:
         parser.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
+    parser.add_argument("--poison", choices=("nan", "scale", "noise"), default="scale",
+                        help="what poisoners send from epoch 3 on (default: scale)")
     parser.add_argument("--keep", action="store_true", help="resume in the existing work dir instead of wiping it")
     args = parser.parse_args(argv)
     for problem, message in ((args.miners < 1, "--miners must be at least 1: the swarm needs an honest miner"),
@@ -126,10 +129,10 @@ def split_neuron_flags(flags: list[str]) -> dict[str, list[str]]:
 
 # -- layout and setup -------------------------------------------------------------------------------
 def plan_layout(honest: int, dead: int = 0, liars: int = 0, copycats: int = 0, lazy: int = 0,
-                stale: int = 0) -> list[Member]:
+                stale: int = 0, poisoners: int = 0) -> list[Member]:
     """Validator uid 0, honest miners next, then adversaries: the order registration gives uids in."""
     kinds = ["honest"] * honest + ["dead"] * dead + ["liar"] * liars + ["copycat"] * copycats
-    kinds += ["lazy"] * lazy + ["stale"] * stale
+    kinds += ["lazy"] * lazy + ["stale"] * stale + ["poisoner"] * poisoners
     return [Member(0, VALIDATOR, "validator")] + [Member(i + 1, f"miner{i}", b) for i, b in enumerate(kinds)]
 
 
@@ -188,6 +191,8 @@ def neuron_args(member: Member, args: argparse.Namespace, run_id: str, peers: li
     if member.behaviour == "honest":
         return common
     extra = ["--cheat", member.behaviour]
+    if member.behaviour == "poisoner":
+        extra += ["--cheat.poison", args.poison]
     if member.behaviour == "copycat":
         extra += ["--cheat.copy_uid", str(next(m.uid for m in layout if m.behaviour == "honest"))]
     if member.behaviour == "dead":
@@ -327,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
     """Set up, run and report; every child is stopped before returning, whatever happened."""
     since = time.time()
     run_id = prepare_work_dir(args.work_dir, args.keep)
-    planned = plan_layout(args.miners, args.dead, args.liars, args.copycats, args.lazy, args.stale)
+    planned = plan_layout(args.miners, args.dead, args.liars, args.copycats, args.lazy, args.stale, args.poisoners)
     layout, hotkeys = register_all(args.work_dir, args.netuid, planned)
     prior_rounds = int(read_score_book(args.work_dir / "state" / VALIDATOR).get("rounds", 0))
     print(f"{PROG}: {len(layout) - 1} miners, logs in {args.work_dir / 'logs'}", file=sys.stderr)

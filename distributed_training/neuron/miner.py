@@ -63,7 +63,7 @@ class Miner:
     def run(self) -> int:
         install_stop_handlers(self.stop_event)
         try:
-            self.parts = build_neuron_parts(self.config, self.metrics)
+            self.parts = build_neuron_parts(self.config, self.metrics, self.identity)
             install_stop_handlers(self.stop_event)  # hivemind's averagers set SIGINT to "ignore" in this process
             self.snapshots = ModelSnapshots(self.parts.model, keep=1)
             self._resume()
@@ -152,6 +152,7 @@ class Miner:
                            **trainer.timing.as_fields())
         self._publish_record()
         self.parts.spec_records.refresh()
+        self.parts.renew_binding()
         every = self.config.neuron.checkpoint_every
         if every and report.epoch % every == 0:
             self._save()

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the heavy modules are imported where they are built, after 
     from ..data.pages import PageSource
     from ..data.tokenizer import Tokenizer
     from ..spec import ModelPreset, RunSpec
+    from ..swarm.bindings import PeerBinder
     from ..swarm.dht import DHT, MinerRecords, RunSpecRecords
     from ..training.trainer import Trainer, TrainerSettings
 
@@ -46,6 +47,12 @@ class NeuronParts:
     spec_records: "RunSpecRecords"
     peer_id: str
     num_params: int
+    binding: Optional["PeerBinder"] = None  # with a wallet: this peer's published binding to its hotkey
+
+    def renew_binding(self) -> None:
+        """Publish a fresh binding before the current one lapses (called every epoch)."""
+        if self.binding is not None:
+            self.binding.renew()
 
     def close(self) -> None:
         try:
@@ -117,8 +124,13 @@ def trainer_settings(config: SimpleNamespace, device: Optional[torch.device] = N
     return TrainerSettings(**common)
 
 
-def build_neuron_parts(config: SimpleNamespace, metrics: Optional[MetricsLog] = None) -> NeuronParts:
-    """Data, the run spec (checked against the run's other peers), the DHT, the model and the trainer."""
+def build_neuron_parts(config: SimpleNamespace, metrics: Optional[MetricsLog] = None,
+                       identity: Optional["NeuronIdentity"] = None) -> NeuronParts:
+    """Data, the run spec (checked against the run's other peers), the DHT, the model and the trainer.
+
+    With an `identity` (a wallet on the chain) the peer binds its DHT peer id to its hotkey and its
+    averagers admit only peers whose hotkeys are registered and bound (`swarm/bindings.py`); without
+    one (`--neuron.swarm_only`) it neither binds nor checks bindings."""
     from ..spec import RunSpec
     from ..swarm.dht import DHTSettings, MinerRecords, RunSpecRecords, start_dht, write_peer_file
     from ..training.model import build_model, count_parameters, pick_device
@@ -144,6 +156,16 @@ def build_neuron_parts(config: SimpleNamespace, metrics: Optional[MetricsLog] = 
         num_params = count_parameters(model)
         micro = choose_micro_batch(model, device, config.neuron.batch_size, seq_len, config.neuron.micro_batch_size)
         settings = trainer_settings(config, device, micro)
+        binder = None
+        if identity is not None:
+            from dataclasses import replace
+
+            from ..chain.admission import ChainAdmission
+            from ..swarm.bindings import BoundPeers, PeerBinder
+
+            binder = PeerBinder(dht, spec.run_id, identity.wallet.hotkey)
+            binder.renew()
+            settings = replace(settings, admit=BoundPeers(dht, spec.run_id, ChainAdmission.from_config(config)))
         logger.info("model %s: %.2fM parameters, vocab %d (embedding %d), %s loss, seq_len %d, device %s "
                     "(compile %s, micro-batch %s), run spec %s", preset.name, num_params / 1e6, tokenizer.vocab_size,
                     model.config.vocab_size, spec.loss_kernel, seq_len, device, settings.compile,
@@ -156,7 +178,7 @@ def build_neuron_parts(config: SimpleNamespace, metrics: Optional[MetricsLog] = 
     if metrics is not None:
         metrics.write("dht", peer_id=peer_id, maddrs=maddrs, spec=spec.digest)
     return NeuronParts(source=source, tokenizer=tokenizer, model=model, dht=dht, trainer=trainer, records=records,
-                       spec=spec, spec_records=spec_records, peer_id=peer_id, num_params=num_params)
+                       spec=spec, spec_records=spec_records, peer_id=peer_id, num_params=num_params, binding=binder)
 
 
 class NeuronIdentity:

@@ -57,7 +57,7 @@ class Validator:
     def run(self) -> int:
         install_stop_handlers(self.stop_event)
         try:
-            self.parts = build_neuron_parts(self.config, self.metrics)
+            self.parts = build_neuron_parts(self.config, self.metrics, self.identity)
             install_stop_handlers(self.stop_event)  # hivemind's averagers set SIGINT to "ignore" in this process
             self.follower = SwarmFollower(self.parts.trainer)
             self.client = MinerClient(self.identity.wallet, timeout=self.config.neuron.timeout)
@@ -93,6 +93,7 @@ class Validator:
         self.follower.poll_progress()
         self.follower.refresh()
         self.parts.spec_records.refresh()
+        self.parts.renew_binding()
         metagraph = self.identity.metagraph(max_age=0)
         block = metagraph.block
         self.book.forget_missing({n.uid: n.hotkey for n in metagraph.neurons})

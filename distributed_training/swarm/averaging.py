@@ -30,7 +30,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from .compression import codec, uncompressed
-from .hivemind_private import PseudoGradientAverager, by_peer_id
+from . import by_peer_id
+from .hivemind_private import PseudoGradientAverager
 from .robust import RobustRule
 from .progress import read_peer_progress
 

@@ -14,6 +14,7 @@ download, progress records) sit where those happen.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Optional
@@ -24,6 +25,8 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
+
+logger = logging.getLogger(__name__)
 
 BINDING_VERSION = "dt-binding/1"
 MAX_TTL = 3600.0  # seconds a binding may claim to live: a stolen one expires soon
@@ -125,23 +128,56 @@ class BindingRecords:
 
     def live(self, admit: Admission, now: Optional[float] = None) -> dict[str, PeerBinding]:
         """The valid bindings by peer id: each stored under the key it names, and the newest of its hotkey."""
-        found = self.dht.get(self.key, latest=True)
-        if found is None or not isinstance(found.value, dict):
-            return {}
-        newest: dict[str, PeerBinding] = {}
-        for subkey, entry in found.value.items():
-            try:
-                binding = PeerBinding(**_BindingRecord.parse_obj(entry.value).dict())
-            except (pydantic.ValidationError, TypeError, AttributeError):
-                continue
-            if not _is_hex(binding.record_key) or subkey != bytes.fromhex(binding.record_key):
-                continue  # a record may only speak for the key that signed it
-            if binding.check(run_id=self.run_id, admit=admit, now=now) is not None:
-                continue
-            current = newest.get(binding.hotkey)
-            if current is None or binding.issued > current.issued:
-                newest[binding.hotkey] = binding
-        return {binding.peer_id: binding for binding in newest.values()}
+        return live_bindings(self.dht, self.run_id, admit, now)
+
+
+def live_bindings(dht: hivemind.DHT, run_id: str, admit: Admission, now: Optional[float] = None
+                  ) -> dict[str, PeerBinding]:
+    """`BindingRecords.live` without registering validators (the publishing process did): any process may ask."""
+    found = dht.get(f"{run_id}_bindings", latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    newest: dict[str, PeerBinding] = {}
+    for subkey, entry in found.value.items():
+        try:
+            binding = PeerBinding(**_BindingRecord.parse_obj(entry.value).dict())
+        except (pydantic.ValidationError, TypeError, AttributeError):
+            continue
+        if not _is_hex(binding.record_key) or subkey != bytes.fromhex(binding.record_key):
+            continue  # a record may only speak for the key that signed it
+        if binding.check(run_id=run_id, admit=admit, now=now) is not None:
+            continue
+        current = newest.get(binding.hotkey)
+        if current is None or binding.issued > current.issued:
+            newest[binding.hotkey] = binding
+    return {binding.peer_id: binding for binding in newest.values()}
+
+
+class BoundPeers:
+    """Admission of peer ids by binding (a `guard.PeerAdmission`): a peer averages only while a live binding names it.
+
+    The bindings are read again every `refresh` seconds, and at most every `retry` seconds when an
+    unknown peer asks (it may have just published its binding).
+    """
+
+    def __init__(self, dht: hivemind.DHT, run_id: str, admit: Admission, refresh: float = 30.0, retry: float = 3.0):
+        self.dht, self.run_id, self.admit, self.refresh, self.retry = dht, run_id, admit, refresh, retry
+        self._bound: dict[str, PeerBinding] = {}
+        self._read_at = -float("inf")
+
+    def _read(self) -> None:
+        self._bound, self._read_at = live_bindings(self.dht, self.run_id, self.admit), time.monotonic()
+
+    def __call__(self, peer_id: str) -> Optional[str]:
+        age = time.monotonic() - self._read_at
+        if age > self.refresh or (peer_id not in self._bound and age > self.retry):
+            self._read()
+        binding = self._bound.get(peer_id)
+        if binding is None:
+            return f"no valid binding of a registered hotkey names peer {peer_id} in run {self.run_id}"
+        if binding.expires <= time.time():
+            return f"the binding of {binding.hotkey} to peer {peer_id} expired"
+        return None
 
 
 def _is_hex(text: str) -> bool:
@@ -150,3 +186,25 @@ def _is_hex(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+class PeerBinder:
+    """This peer's binding: signed with its hotkey, published, and renewed before it lapses."""
+
+    def __init__(self, dht: hivemind.DHT, run_id: str, hotkey: Any, ttl: float = MAX_TTL):
+        self.records = BindingRecords(dht, run_id)
+        self.dht, self.run_id, self.hotkey, self.ttl = dht, run_id, hotkey, ttl
+        self.current: Optional[PeerBinding] = None
+
+    def renew(self, force: bool = False) -> PeerBinding:
+        """Publish a new binding when the current one has lived half its time (or `force`)."""
+        now = time.time()
+        if force or self.current is None or now > self.current.issued + self.ttl / 2:
+            binding = bind(self.hotkey, self.run_id, self.dht.peer_id.to_base58(), self.records.record_key,
+                           ttl=self.ttl, now=now)
+            if not self.records.publish(binding):
+                logger.warning("the binding of %s could not be stored in the DHT; retrying next epoch",
+                               self.hotkey.ss58_address)
+                return binding
+            self.current = binding
+        return self.current

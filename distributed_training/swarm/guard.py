@@ -23,6 +23,8 @@ from .robust import CLIPPED, NON_FINITE
 
 logger = logging.getLogger(__name__)
 
+NEVER = 2 ** 62  # `clip_strikes` that no run reaches: clipping alone never bans
+
 # Returns None if the peer (base58 id) may average with this one, else why not.
 PeerAdmission = Callable[[str], Optional[str]]
 

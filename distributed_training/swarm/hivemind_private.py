@@ -39,8 +39,8 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 from hivemind.utils.timed_storage import get_dht_time
 
-from . import HivemindVersionError
-from .robust import NothingToAverage, RobustRule, robust_average
+from . import HivemindVersionError, base58 as _base58, peer_ids
+from .robust import NON_FINITE, NothingToAverage, RobustRule, decode_verdicts, encode_verdicts, robust_average
 
 logger = logging.getLogger(__name__)
 
@@ -151,17 +151,7 @@ class GroupRecordingOptimizer(hivemind.Optimizer):
                 self.last_group = peer_ids(control.result(0))
 
 
-def by_peer_id(gathered: dict) -> dict[str, Any]:
-    """What an all-reduce gathered ({PeerID: data}), keyed by base58 peer id."""
-    return {peer.to_base58() if hasattr(peer, "to_base58") else str(peer): data for peer, data in gathered.items()}
-
-
-def peer_ids(gathered: dict) -> tuple[str, ...]:
-    """The members of an all-reduce, from what it gathered, as sorted base58 ids."""
-    return tuple(sorted(by_peer_id(gathered)))
-
-
-# --- the consensus all-reduce (DiLoCo) ----------------------------------------------------------------
+# --- the consensus all-reduce (both modes) ----------------------------------------------------------
 _deserialize = deserialize_torch_tensor
 
 
@@ -176,6 +166,7 @@ class RobustPartReducer(TensorPartReducer):
     def __init__(self, part_shapes, num_senders: int, rule: RobustRule):
         self.rule = rule
         self.verdicts: dict[int, str] = {}
+        self.part_masks: dict[int, float] = {}  # part index -> its verdicts, as sent back to every sender
         self._received: list[tuple[int, torch.Tensor, float]] = []
         super().__init__(part_shapes, num_senders)
 
@@ -215,8 +206,9 @@ class RobustPartReducer(TensorPartReducer):
         else:
             self.current_part_future.set_result(average)
         for sender, verdict in zip(senders, verdicts):
-            if verdict is not None and self.verdicts.get(sender) != "non-finite":
+            if verdict is not None and self.verdicts.get(sender) != NON_FINITE:
                 self.verdicts[sender] = verdict
+        self.part_masks[self.current_part_index] = encode_verdicts(dict(zip(senders, verdicts)))
         self.reset_accumulators()
 
 
@@ -232,13 +224,19 @@ class ConsensusAllReduceRunner(AllReduceRunner):
     def __init__(self, *args: Any, robust_rule: RobustRule, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._compressed_results: dict[int, Any] = {}
+        self._remote_verdicts: dict[int, dict[int, str]] = {}  # reducer index -> its verdicts
         self.tensor_part_reducer = RobustPartReducer(self.tensor_part_reducer.part_shapes,
                                                      len(self.sender_peer_ids), robust_rule)
 
     def verdicts(self) -> dict[str, str]:
-        """What this peer's reducer found wrong with each sender's parts, by base58 peer id."""
-        return {self.sender_peer_ids[i].to_base58(): verdict
-                for i, verdict in self.tensor_part_reducer.verdicts.items()}
+        """What any reducer of the round found wrong with each sender's parts (this peer's and those sent
+        back with the averages), by base58 peer id; non-finite outranks clipped."""
+        merged: dict[int, str] = {}
+        for found in [self.tensor_part_reducer.verdicts, *self._remote_verdicts.values()]:
+            for i, verdict in found.items():
+                if merged.get(i) != NON_FINITE:
+                    merged[i] = verdict
+        return {self.sender_peer_ids[i].to_base58(): verdict for i, verdict in merged.items()}
 
     def _compress_result(self, part_index: int, averaged_part: torch.Tensor):
         cached = self._compressed_results.get(part_index)
@@ -271,12 +269,16 @@ class ConsensusAllReduceRunner(AllReduceRunner):
             def _decode(msg):
                 if msg.code != averaging_pb2.AVERAGED_PART:
                     raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
-                return _deserialize(msg.tensor_part)
+                return _deserialize(msg.tensor_part), msg.weight
 
             part_index = 0
-            async for averaged_part in amap_in_executor(_decode, aiter_with_timeout(stream, self.reducer_timeout),
-                                                        max_prefetch=self.tensor_part_container.prefetch):
+            remote = self._remote_verdicts.setdefault(peer_index, {})
+            async for averaged_part, mask in amap_in_executor(_decode, aiter_with_timeout(stream, self.reducer_timeout),
+                                                              max_prefetch=self.tensor_part_container.prefetch):
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
+                for sender, verdict in decode_verdicts(mask, len(self.sender_peer_ids)).items():
+                    if remote.get(sender) != NON_FINITE:
+                        remote[sender] = verdict
                 part_index += 1
             if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
                 raise AllreduceException(f"peer {peer_id} sent {part_index} parts, expected "
@@ -302,15 +304,12 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                 except BannedException:
                     break  # the sender was banned; its parts no longer count
                 serialized = await loop.run_in_executor(None, self._compress_result, part_index, averaged_part)
+                mask = self.tensor_part_reducer.part_masks.get(part_index, 0.0)
                 part_index += 1
-                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized, weight=mask)
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
-
-
-def _base58(peer: Any) -> str:
-    return peer.to_base58() if hasattr(peer, "to_base58") else str(peer)
 
 
 class _GatedStub:

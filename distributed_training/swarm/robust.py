@@ -92,3 +92,31 @@ def influence_bound(weights: Sequence[float], member: int, parts: Sequence[torch
     center = _lower_median(stacked)
     tau = rule.clip_factor * _lower_median((stacked - center).norm(dim=1))
     return float(capped[finite.index(member)] * tau / capped.sum())
+
+
+# A reducer sees only its share of each sender's vector, so a sender that poisons one part is caught by
+# one reducer alone; if only that reducer banned it, the honest peers would disagree on whom to group
+# with and drift apart. So each reducer sends its verdicts on a part back with the part (in the reply's
+# otherwise unused `weight` field: senders whose part was not finite in the low bits, clipped ones above),
+# and every member of a round adopts the same union of verdicts: every member bans alike.
+_MASK_BITS = 26  # senders a verdict mask can name (the rest of a larger group is judged locally only)
+
+
+def encode_verdicts(verdicts: dict[int, Optional[str]]) -> float:
+    non_finite = sum(1 << i for i, v in verdicts.items() if v == NON_FINITE and i < _MASK_BITS)
+    clipped = sum(1 << i for i, v in verdicts.items() if v == CLIPPED and i < _MASK_BITS)
+    return float(non_finite + (clipped << _MASK_BITS))
+
+
+def decode_verdicts(mask: float, num_senders: int) -> dict[int, str]:
+    """A reducer's verdicts from its reply; anything that is not a well-formed mask says nothing."""
+    if not (mask == mask and 0 <= mask < 2.0 ** (2 * _MASK_BITS)) or mask != int(mask):
+        return {}
+    bits = int(mask)
+    verdicts = {}
+    for i in range(min(num_senders, _MASK_BITS)):
+        if bits >> i & 1:
+            verdicts[i] = NON_FINITE
+        elif bits >> (i + _MASK_BITS) & 1:
+            verdicts[i] = CLIPPED
+    return verdicts

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import abc
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from ..swarm.guard import AveragingGuard, BanRule
+from ..swarm.guard import NEVER, AveragingGuard, BanRule, PeerAdmission
 from ..swarm.robust import RobustRule
 from .timing import TimeSplit
 
@@ -47,10 +47,15 @@ class TrainerSettings:
     # what every reducer computes and whom this peer bans (both modes; see swarm/robust.py, swarm/guard.py)
     robust: RobustRule = RobustRule()
     bans: BanRule = BanRule()
+    admit: Optional[PeerAdmission] = None  # who may average at all (`swarm.bindings.BoundPeers`); None: any peer
 
     def guard(self, name: str) -> AveragingGuard:
-        """The guard of one of this peer's averagers."""
-        return AveragingGuard(name, self.bans)
+        """The guard of one of this peer's averagers ("gradients", "state", "pseudo-gradients").
+
+        Parameters are averaged to pull together peers that drifted apart, so an honest peer's can be
+        far from the others' and clipped; there only non-finite values earn a ban."""
+        rule = replace(self.bans, clip_strikes=NEVER) if name == "state" else self.bans
+        return AveragingGuard(name, rule, admit=self.admit)
 
 
 @dataclass(frozen=True)

@@ -95,3 +95,55 @@ def _live_soon(records: BindingRecords, admit, expected: set[str], timeout: floa
         if set(live) == expected or time.monotonic() > deadline:
             return live
         time.sleep(0.1)  # polling the DHT, which another node writes
+
+
+def test_chain_admission_reads_the_metagraph_in_whichever_process_asks(tmp_path, wallets) -> None:
+    import multiprocessing
+
+    from distributed_training.chain import LocalChain
+    from distributed_training.chain.admission import ChainAdmission
+
+    db = tmp_path / "chain.sqlite"
+    with LocalChain(db) as chain:
+        chain.create_subnet(1)
+        chain.register(1, wallets[0].hotkey.ss58_address, wallets[0].coldkeypub.ss58_address)
+    admission = ChainAdmission("embedded", None, db, 1, ttl=60.0)
+    assert admission(wallets[0].hotkey.ss58_address) is None
+    assert "is not registered on netuid 1" in admission(wallets[1].hotkey.ss58_address)
+
+    # a hotkey registered after the metagraph was cached is admitted on the retry read
+    with LocalChain(db) as chain:
+        chain.register(1, wallets[1].hotkey.ss58_address, wallets[1].coldkeypub.ss58_address)
+    admission._read_at -= 10  # older than the retry interval; the cache itself is still fresh
+    assert admission(wallets[1].hotkey.ss58_address) is None
+
+    # a forked copy (as in an averager's process) opens its own client
+    context = multiprocessing.get_context("fork")
+    answers = context.Queue()
+    child = context.Process(target=lambda: answers.put((admission(wallets[0].hotkey.ss58_address),
+                                                        admission(wallets[2].hotkey.ss58_address))))
+    child.start()
+    try:
+        admitted, refused = answers.get(timeout=30)
+    finally:
+        child.join(timeout=30)
+    assert admitted is None and "not registered" in refused
+
+
+def test_bound_peers_admit_a_published_binding_and_refuse_strangers(dht, wallets) -> None:
+    from distributed_training.swarm.bindings import BoundPeers, PeerBinder
+
+    run_id = f"bind-{uuid.uuid4().hex[:8]}"
+    binder = PeerBinder(dht, run_id, wallets[0].hotkey, ttl=600)
+    first = binder.renew()
+    assert binder.renew() is first  # young: not renewed
+    assert binder.renew(force=True).issued >= first.issued
+    peers = BoundPeers(dht, run_id, admit_registered(_metagraph(wallets[0].hotkey.ss58_address)), retry=0.0)
+    deadline = time.monotonic() + 10
+    while peers(dht.peer_id.to_base58()) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling the DHT until the record is readable
+    assert peers(dht.peer_id.to_base58()) is None
+    assert "no valid binding" in peers("12D3KooWstranger")
+    # the hotkey's registration lapses: its peer is refused from the next read on
+    lapsed = BoundPeers(dht, run_id, admit_registered(_metagraph()), retry=0.0)
+    assert "no valid binding" in lapsed(dht.peer_id.to_base58())

@@ -84,6 +84,17 @@ def test_neuron_command_lines(tmp_path):
     assert int(last_port) > 0  # a dead miner must still publish a port the chain accepts
 
 
+def test_poisoners_run_the_cheat_module_with_their_poison(tmp_path):
+    args = _args(tmp_path, "--poisoners", "1", "--poison", "noise")
+    layout = localnet.plan_layout(args.miners, poisoners=args.poisoners)
+    poisoner = layout[-1]
+    assert poisoner.behaviour == "poisoner" and localnet.neuron_entry(poisoner) == "distributed_training.localnet.cheats"
+    flags = dict(zip(*[iter(localnet.neuron_args(poisoner, args, "r", ["/ip4/1"], layout, 0))] * 2))
+    assert flags["--cheat"] == "poisoner" and flags["--cheat.poison"] == "noise"
+    with pytest.raises(localnet.UsageError):
+        localnet.parse_args(["--work-dir", str(tmp_path), "--poison", "acid"])
+
+
 def _write_metrics(path: Path, events: list[dict]) -> None:
     path.mkdir(parents=True, exist_ok=True)
     with open(path / "metrics.jsonl", "w") as handle:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from distributed_training.swarm.guard import AveragingGuard, BanRule
-from distributed_training.swarm.robust import (CLIPPED, NON_FINITE, NothingToAverage, RobustRule, influence_bound,
-                                               robust_average)
+from distributed_training.swarm.robust import (CLIPPED, NON_FINITE, NothingToAverage, RobustRule, decode_verdicts,
+                                               encode_verdicts, influence_bound, robust_average)
 
 RULE = RobustRule(clip_factor=4.0, weight_cap=4.0)
 
@@ -110,3 +110,13 @@ def test_guard_asks_admission_after_bans() -> None:
     assert guard.refuse("bound-1", "matchmaking") is None
     assert guard.refuse("stranger", "matchmaking") == "no binding"
     assert not math.isnan(guard.rounds)
+
+
+def test_verdicts_travel_as_a_mask_and_garbage_says_nothing() -> None:
+    verdicts = {0: None, 1: NON_FINITE, 3: CLIPPED, 25: CLIPPED}
+    mask = encode_verdicts(verdicts)
+    assert decode_verdicts(mask, 26) == {1: NON_FINITE, 3: CLIPPED, 25: CLIPPED}
+    assert decode_verdicts(mask, 2) == {1: NON_FINITE}  # senders beyond the group are not named
+    assert decode_verdicts(0.0, 5) == {}
+    for garbage in (float("nan"), -1.0, 0.5, 2.0 ** 60, float("inf")):
+        assert decode_verdicts(garbage, 5) == {}, garbage
