@@ -29,7 +29,8 @@ PROG = "dt-local-swarm"
 COLDKEY = "localnet"
 VALIDATOR = "validator"
 ADVERSARIES = (("dead", "dead"), ("liars", "liar"), ("copycats", "copycat"), ("lazy", "lazy"), ("stale", "stale"),
-               ("poisoners", "poisoner"))
+               ("poisoners", "poisoner"), ("intruders", "intruder"))
+UNREGISTERED = ("intruder",)  # members the chain never hears of: no wallet, no uid (-1)
 CHEAT_MODULE = "distributed_training.localnet.cheats"
 MARKER = ".dt-local-swarm"  # only directories carrying it are ever wiped
 STARTUP_TIMEOUT = 300.0  # seconds for every miner to join (9 processes importing torch on 2 cores is slow)
@@ -129,10 +130,10 @@ def split_neuron_flags(flags: list[str]) -> dict[str, list[str]]:
 
 # -- layout and setup -------------------------------------------------------------------------------
 def plan_layout(honest: int, dead: int = 0, liars: int = 0, copycats: int = 0, lazy: int = 0,
-                stale: int = 0, poisoners: int = 0) -> list[Member]:
+                stale: int = 0, poisoners: int = 0, intruders: int = 0) -> list[Member]:
     """Validator uid 0, honest miners next, then adversaries: the order registration gives uids in."""
     kinds = ["honest"] * honest + ["dead"] * dead + ["liar"] * liars + ["copycat"] * copycats
-    kinds += ["lazy"] * lazy + ["stale"] * stale + ["poisoner"] * poisoners
+    kinds += ["lazy"] * lazy + ["stale"] * stale + ["poisoner"] * poisoners + ["intruder"] * intruders
     return [Member(0, VALIDATOR, "validator")] + [Member(i + 1, f"miner{i}", b) for i, b in enumerate(kinds)]
 
 
@@ -165,6 +166,9 @@ def register_all(work_dir: Path, netuid: int, layout: list[Member]) -> tuple[lis
     with LocalChain(work_dir / "chain.sqlite", block_time=1.0) as chain:
         chain.create_subnet(netuid, exist_ok=True)
         for member in layout:
+            if member.behaviour in UNREGISTERED:
+                registered.append(Member(-1, member.name, member.behaviour))
+                continue
             wallet = create_wallet(COLDKEY, member.name, work_dir / "wallets")
             hotkey, is_validator = wallet.hotkey.ss58_address, member.behaviour == "validator"
             uid = chain.register(netuid, hotkey, wallet.coldkeypub.ss58_address)
@@ -183,7 +187,8 @@ def neuron_args(member: Member, args: argparse.Namespace, run_id: str, peers: li
               "--wallet.hotkey", member.name, "--dht.initial_peers", ",".join(peers), "--neuron.run_id", run_id,
               *NEURON_FLAGS]
     if member.behaviour == "validator":
-        return common + ["--neuron.sample_size", str(len(layout) - 1), "--neuron.round_interval",
+        miners = sum(1 for m in layout[1:] if m.behaviour not in UNREGISTERED)
+        return common + ["--neuron.sample_size", str(miners), "--neuron.round_interval",
                          str(args.round_interval), "--neuron.epoch_length", "10", "--neuron.moving_average_alpha",
                          "0.3", "--neuron.timeout", "30", "--neuron.max_rounds", str(prior_rounds + args.rounds),
                          *args.role_flags["validator"]]
@@ -191,6 +196,8 @@ def neuron_args(member: Member, args: argparse.Namespace, run_id: str, peers: li
     if member.behaviour == "honest":
         return common
     extra = ["--cheat", member.behaviour]
+    if member.behaviour == "intruder":  # it pages as some uid; the chain has none for it
+        extra += ["--neuron.uid", str(1000 + layout.index(member))]
     if member.behaviour == "poisoner":
         extra += ["--cheat.poison", args.poison]
     if member.behaviour == "copycat":
@@ -332,7 +339,8 @@ def run(args: argparse.Namespace) -> int:
     """Set up, run and report; every child is stopped before returning, whatever happened."""
     since = time.time()
     run_id = prepare_work_dir(args.work_dir, args.keep)
-    planned = plan_layout(args.miners, args.dead, args.liars, args.copycats, args.lazy, args.stale, args.poisoners)
+    planned = plan_layout(args.miners, args.dead, args.liars, args.copycats, args.lazy, args.stale, args.poisoners,
+                          args.intruders)
     layout, hotkeys = register_all(args.work_dir, args.netuid, planned)
     prior_rounds = int(read_score_book(args.work_dir / "state" / VALIDATOR).get("rounds", 0))
     print(f"{PROG}: {len(layout) - 1} miners, logs in {args.work_dir / 'logs'}", file=sys.stderr)

@@ -8,8 +8,8 @@ is listed in a group it was put in; and hears, after each all-reduce, what this 
 found wrong with each sender (`robust.NON_FINITE`, `robust.CLIPPED`).
 
 Bans count in all-reduce rounds of that averager: one round is one global epoch in both modes.
-A sender whose parts were not finite is banned at once; one clipped in `clip_strikes` consecutive
-rounds is banned too. A banned peer is refused for `ban_rounds` rounds, then admitted again (its
+A sender whose parts were not finite, or far beyond everyone else's (`robust.FAR_OFF`), is banned
+at once; one clipped beyond the strike distance in `clip_strikes` consecutive rounds is banned too. A banned peer is refused for `ban_rounds` rounds, then admitted again (its
 strikes start over). Refusals are logged once per peer and reason.
 """
 
@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from .robust import CLIPPED, NON_FINITE
+from .robust import CLIPPED, FAR_OFF, NON_FINITE
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class AveragingGuard:
             verdict = verdicts.get(peer)
             if verdict == NON_FINITE:
                 self._ban(peer, "sent non-finite values")
+            elif verdict == FAR_OFF:
+                self._ban(peer, "sent values far beyond every other member's")
             elif verdict == CLIPPED:
                 self.strikes[peer] = self.strikes.get(peer, 0) + 1
                 logger.warning("%s: %s's part was clipped (%d of %d strikes)", self.name, peer,

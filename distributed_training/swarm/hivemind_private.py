@@ -40,7 +40,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_
 from hivemind.utils.timed_storage import get_dht_time
 
 from . import HivemindVersionError, base58 as _base58, peer_ids
-from .robust import NON_FINITE, NothingToAverage, RobustRule, decode_verdicts, encode_verdicts, robust_average
+from .robust import NothingToAverage, RobustRule, decode_verdicts, encode_verdicts, robust_average, worse
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +206,8 @@ class RobustPartReducer(TensorPartReducer):
         else:
             self.current_part_future.set_result(average)
         for sender, verdict in zip(senders, verdicts):
-            if verdict is not None and self.verdicts.get(sender) != NON_FINITE:
-                self.verdicts[sender] = verdict
+            if verdict is not None:
+                self.verdicts[sender] = worse(self.verdicts.get(sender), verdict)
         self.part_masks[self.current_part_index] = encode_verdicts(dict(zip(senders, verdicts)))
         self.reset_accumulators()
 
@@ -234,8 +234,7 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         merged: dict[int, str] = {}
         for found in [self.tensor_part_reducer.verdicts, *self._remote_verdicts.values()]:
             for i, verdict in found.items():
-                if merged.get(i) != NON_FINITE:
-                    merged[i] = verdict
+                merged[i] = worse(merged.get(i), verdict)
         return {self.sender_peer_ids[i].to_base58(): verdict for i, verdict in merged.items()}
 
     def _compress_result(self, part_index: int, averaged_part: torch.Tensor):
@@ -277,8 +276,7 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                                                               max_prefetch=self.tensor_part_container.prefetch):
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
                 for sender, verdict in decode_verdicts(mask, len(self.sender_peer_ids)).items():
-                    if remote.get(sender) != NON_FINITE:
-                        remote[sender] = verdict
+                    remote[sender] = worse(remote.get(sender), verdict)
                 part_index += 1
             if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
                 raise AllreduceException(f"peer {peer_id} sent {part_index} parts, expected "

@@ -8,12 +8,17 @@ NaN makes every parameter of every member NaN, and one part scaled by -100 or a 
 2. caps each declared weight at `weight_cap` times the median weight, so nobody outvotes the group;
 3. takes the coordinate-wise median of the parts as the center `c`, and clips every part's
    distance to it at `tau = clip_factor * median_i ||x_i - c||` (one step of CenteredClip);
+   a part beyond `strike_factor` median distances (allowing for a sender's smaller sample count)
+   is a strike against its sender, one beyond `ban_factor` a ban (`guard.py`);
 4. returns `c + sum_i w_i * clip(x_i - c) / sum_i w_i`.
 
 The bound: member j's term is `w_j * clip(x_j - c) / W`, of norm at most `w_j * tau / W`, however it
 scales or randomises its part; `c` and `tau` are medians, so while the others are a majority they
 stay within the others' range. When no member is clipped (honest peers of one swarm, `clip_factor`
 large enough) step 4 is exactly the weighted mean, so honest training loses nothing.
+
+With fewer than three usable senders there is no majority to be robust with: the result is then the
+capped weighted mean of the finite parts, and no sender is judged by distance.
 
 Every member's reducer is deterministic in the parts it received, and each part has one reducer
 whose output is sent, as the same bytes, to every member (the consensus all-reduce).
@@ -27,7 +32,11 @@ from typing import Optional, Sequence
 import torch
 
 NON_FINITE = "non-finite"
-CLIPPED = "clipped"
+CLIPPED = "clipped"  # farther than `strike_factor` median distances, even for its sample count: a strike
+FAR_OFF = "far-off"  # farther than `ban_factor` median distances: banned at once, like a non-finite part
+
+
+MIN_MAJORITY = 3  # senders with a finite part below which distances say nothing (one of two is no outlier)
 
 
 class NothingToAverage(ValueError):
@@ -36,12 +45,16 @@ class NothingToAverage(ValueError):
 
 @dataclass(frozen=True)
 class RobustRule:
-    clip_factor: float = 4.0  # parts farther than this many median distances from the center are clipped
+    clip_factor: float = 2.0  # parts farther than this many median distances from the center are clipped
     weight_cap: float = 4.0  # a declared weight counts at most this many median weights
+    strike_factor: float = 4.0  # farther than this (for its sample count): a strike against the sender
+    ban_factor: float = 16.0  # farther than this: the sender is banned at once
 
     def __post_init__(self) -> None:
         if not self.clip_factor >= 1.0:
             raise ValueError(f"clip_factor must be at least 1 (the median member is never clipped), not {self.clip_factor}")
+        if not self.ban_factor >= self.strike_factor >= 1.0:
+            raise ValueError(f"need ban_factor >= strike_factor >= 1, not {self.ban_factor}, {self.strike_factor}")
         if not self.weight_cap >= 1.0:
             raise ValueError(f"weight_cap must be at least 1, not {self.weight_cap}")
 
@@ -70,13 +83,24 @@ def robust_average(parts: Sequence[torch.Tensor], weights: Sequence[float], rule
     declared = torch.tensor([float(weights[i]) for i in usable], dtype=torch.float32)
     capped = torch.minimum(declared, rule.weight_cap * _lower_median(declared))
 
+    if len(usable) < MIN_MAJORITY:  # no majority to measure a distance against: the weighted mean, unclipped
+        average = (capped @ stacked) / capped.sum()
+        return average.reshape(parts[usable[0]].shape).to(parts[usable[0]].dtype), verdicts
+
     center = _lower_median(stacked)
     offsets = stacked - center
     distances = offsets.norm(dim=1)
-    tau = rule.clip_factor * _lower_median(distances)
+    spread = _lower_median(distances)
+    tau = rule.clip_factor * spread
     scale = torch.where(distances > tau, tau / distances.clamp_min(1e-30), torch.ones_like(distances))
+    # A mean over few samples is noisier (its distance grows as 1/sqrt(samples)): such a part is clipped
+    # like any other, but counts against its sender only if it is far even for its sample count.
+    median_weight = _lower_median(capped)
+    excess = distances * torch.sqrt(torch.minimum(capped, median_weight) / median_weight)
     for row, i in enumerate(usable):
-        if distances[row] > tau:
+        if excess[row] > rule.ban_factor * spread:
+            verdicts[i] = FAR_OFF
+        elif excess[row] > rule.strike_factor * spread:
             verdicts[i] = CLIPPED
 
     average = center + (capped * scale) @ offsets / capped.sum()
@@ -99,24 +123,32 @@ def influence_bound(weights: Sequence[float], member: int, parts: Sequence[torch
 # with and drift apart. So each reducer sends its verdicts on a part back with the part (in the reply's
 # otherwise unused `weight` field: senders whose part was not finite in the low bits, clipped ones above),
 # and every member of a round adopts the same union of verdicts: every member bans alike.
-_MASK_BITS = 26  # senders a verdict mask can name (the rest of a larger group is judged locally only)
+_MASK_BITS = 17  # senders a verdict mask can name (the rest of a larger group is judged locally only)
+_RANK = {None: 0, CLIPPED: 1, FAR_OFF: 2, NON_FINITE: 3}
+
+
+def worse(first: Optional[str], second: Optional[str]) -> Optional[str]:
+    """The graver of two verdicts."""
+    return first if _RANK[first] >= _RANK[second] else second
 
 
 def encode_verdicts(verdicts: dict[int, Optional[str]]) -> float:
-    non_finite = sum(1 << i for i, v in verdicts.items() if v == NON_FINITE and i < _MASK_BITS)
-    clipped = sum(1 << i for i, v in verdicts.items() if v == CLIPPED and i < _MASK_BITS)
-    return float(non_finite + (clipped << _MASK_BITS))
+    """Three masks in one float: non-finite senders in the low bits, far-off ones above, clipped ones on top."""
+    mask = 0
+    for field, kind in enumerate((NON_FINITE, FAR_OFF, CLIPPED)):
+        mask += sum(1 << i for i, v in verdicts.items() if v == kind and i < _MASK_BITS) << (field * _MASK_BITS)
+    return float(mask)
 
 
 def decode_verdicts(mask: float, num_senders: int) -> dict[int, str]:
     """A reducer's verdicts from its reply; anything that is not a well-formed mask says nothing."""
-    if not (mask == mask and 0 <= mask < 2.0 ** (2 * _MASK_BITS)) or mask != int(mask):
+    if not (mask == mask and 0 <= mask < 2.0 ** (3 * _MASK_BITS)) or mask != int(mask):
         return {}
     bits = int(mask)
     verdicts = {}
     for i in range(min(num_senders, _MASK_BITS)):
-        if bits >> i & 1:
-            verdicts[i] = NON_FINITE
-        elif bits >> (i + _MASK_BITS) & 1:
-            verdicts[i] = CLIPPED
+        for field, kind in enumerate((NON_FINITE, FAR_OFF, CLIPPED)):
+            if bits >> (i + field * _MASK_BITS) & 1:
+                verdicts[i] = kind
+                break
     return verdicts

@@ -27,11 +27,10 @@ def test_a_poisoner_is_banned_and_the_honest_miners_train_on_together(tmp_path, 
         late = [e for e in epochs if e["epoch"] > POISON_FROM + BAN_WITHIN]
         assert late and all(drill.adversary not in (e["group"] or ()) for e in late), \
             [(e["epoch"], e["group"]) for e in epochs]
-        # and the honest pair kept training: the loss fell after the attack began
-        by_epoch = {e["epoch"]: e["loss"] for e in epochs}
-        assert by_epoch[MAX_EPOCHS] < by_epoch[POISON_FROM], by_epoch
     assert any(f"banning {drill.adversary}" in log for log in drill.logs.values()), "no honest miner logged the ban"
     assert drill.largest_difference() <= 1e-5
     loss = held_out_loss(drill.dirs[0])
     print(f"\n{mode}/{poison}: honest held-out loss after {MAX_EPOCHS} epochs {loss:.4f}")
-    assert loss == loss and loss < 10.8  # finite, and below the untrained model's ~ln(50257)
+    # finite, and well below the untrained model's ~10.83 (ln 50257): an unbounded x -100 walks the model
+    # back there in six epochs; the reference runs of bench/poisoning.py end near 9.5 (swarm) and 7 (DiLoCo)
+    assert loss == loss and loss < 10.0

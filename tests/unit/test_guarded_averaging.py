@@ -53,7 +53,9 @@ def test_a_nan_sender_is_left_out_of_the_average_then_banned_by_every_member(dht
             averagers.append(PseudoGradientAverager(
                 [torch.zeros(shape) for shape in SHAPES], node, prefix=prefix, start=True, min_matchmaking_time=2.0,
                 request_timeout=1.0, allreduce_timeout=20.0, part_size_bytes=1024, target_group_size=3,
-                guard=AveragingGuard("test", BanRule(ban_rounds=5)), robust_rule=RobustRule()))
+                # the poisoner's finite values sit at the honest mean, so the lower-median distance is small;
+                # a wider clip keeps the honest parts unclipped and the expected average exact
+                guard=AveragingGuard("test", BanRule(ban_rounds=5)), robust_rule=RobustRule(clip_factor=4.0)))
         poisoner = nodes[2].peer_id.to_base58()
 
         for _attempt in range(3):  # on two busy cores a round can miss a member; the three must meet once

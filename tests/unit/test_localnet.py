@@ -95,6 +95,19 @@ def test_poisoners_run_the_cheat_module_with_their_poison(tmp_path):
         localnet.parse_args(["--work-dir", str(tmp_path), "--poison", "acid"])
 
 
+def test_intruders_are_not_registered_and_not_counted_in_the_sample(tmp_path):
+    args = _args(tmp_path, "--intruders", "1")
+    planned = localnet.plan_layout(args.miners, args.dead, intruders=args.intruders)
+    layout, hotkeys = localnet.register_all(tmp_path, 1, planned)
+    intruder = layout[-1]
+    assert intruder.behaviour == "intruder" and intruder.uid == -1 and intruder.name not in hotkeys
+    assert not (tmp_path / "wallets" / localnet.COLDKEY / "hotkeys" / intruder.name).exists()
+    flags = dict(zip(*[iter(localnet.neuron_args(layout[0], args, "r", ["/ip4/1"], layout, 0))] * 2))
+    assert flags["--neuron.sample_size"] == str(len(layout) - 2)
+    command = localnet.neuron_args(intruder, args, "r", ["/ip4/1"], layout, 0)
+    assert command[command.index("--cheat") + 1] == "intruder" and "--neuron.uid" in command
+
+
 def _write_metrics(path: Path, events: list[dict]) -> None:
     path.mkdir(parents=True, exist_ok=True)
     with open(path / "metrics.jsonl", "w") as handle:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distributed_training.swarm.guard import AveragingGuard, BanRule
-from distributed_training.swarm.robust import (CLIPPED, NON_FINITE, NothingToAverage, RobustRule, decode_verdicts,
+from distributed_training.swarm.robust import (CLIPPED, FAR_OFF, NON_FINITE, NothingToAverage, RobustRule, decode_verdicts,
                                                encode_verdicts, influence_bound, robust_average)
 
 RULE = RobustRule(clip_factor=4.0, weight_cap=4.0)
@@ -28,7 +28,7 @@ def test_one_member_of_norm_1e6_moves_the_average_by_at_most_the_stated_bound() 
     assert torch.allclose(average, torch.tensor([1.35, 1.55]), atol=1e-5)
     assert influence_bound(weights, 3, parts, RULE) == pytest.approx(1.0)  # w_j * tau / W = 1 * 4 / 4
     assert (average - others).norm().item() <= 1.0 + 1e-6
-    assert verdicts == [None, None, None, CLIPPED]
+    assert verdicts == [None, None, None, FAR_OFF]  # 1e6 median distances away: banned at once
 
     # however large the attack, in any direction: the center stays in the honest members' range and the
     # attacker's term within w_j * tau / W of what the honest members make of that center
@@ -79,13 +79,16 @@ def test_the_rule_refuses_settings_that_clip_honest_members() -> None:
         RobustRule(clip_factor=0.5)
     with pytest.raises(ValueError, match="weight_cap"):
         RobustRule(weight_cap=0.0)
+    with pytest.raises(ValueError, match="ban_factor"):
+        RobustRule(strike_factor=8.0, ban_factor=4.0)
 
 
 def test_guard_bans_non_finite_at_once_and_clipped_after_strikes_then_lets_them_back() -> None:
     guard = AveragingGuard("test", BanRule(ban_rounds=3, clip_strikes=2))
     members = ["honest", "poisoner", "scaler"]
-    guard.record({"poisoner": NON_FINITE, "scaler": CLIPPED}, members)
+    guard.record({"poisoner": NON_FINITE, "scaler": CLIPPED, "shouter": FAR_OFF}, [*members, "shouter"])
     assert guard.refuse("poisoner", "matchmaking") is not None
+    assert guard.refuse("shouter", "matchmaking") is not None
     assert guard.refuse("scaler", "matchmaking") is None  # one strike
     guard.record({"scaler": CLIPPED}, ["honest", "scaler"])
     assert "banned" in guard.refuse("scaler", "all-reduce")
@@ -113,10 +116,45 @@ def test_guard_asks_admission_after_bans() -> None:
 
 
 def test_verdicts_travel_as_a_mask_and_garbage_says_nothing() -> None:
-    verdicts = {0: None, 1: NON_FINITE, 3: CLIPPED, 25: CLIPPED}
+    verdicts = {0: None, 1: NON_FINITE, 2: FAR_OFF, 3: CLIPPED, 16: CLIPPED}
     mask = encode_verdicts(verdicts)
-    assert decode_verdicts(mask, 26) == {1: NON_FINITE, 3: CLIPPED, 25: CLIPPED}
+    assert decode_verdicts(mask, 17) == {1: NON_FINITE, 2: FAR_OFF, 3: CLIPPED, 16: CLIPPED}
     assert decode_verdicts(mask, 2) == {1: NON_FINITE}  # senders beyond the group are not named
     assert decode_verdicts(0.0, 5) == {}
     for garbage in (float("nan"), -1.0, 0.5, 2.0 ** 60, float("inf")):
         assert decode_verdicts(garbage, 5) == {}, garbage
+
+
+def test_a_part_from_few_samples_is_clipped_without_a_strike() -> None:
+    honest = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0])]
+    far = torch.tensor([9.0, 9.0])  # 8 * sqrt(2) from the center (1, 1), tau = 4
+    _, verdicts = robust_average([*honest, far], [4.0, 4.0, 4.0, 4.0], RULE)
+    assert verdicts[3] == CLIPPED
+    # the same part from 1 sample where the others had 16: its noise explains a distance 4x larger
+    average, verdicts = robust_average([*honest, far], [16.0, 16.0, 16.0, 1.0], RULE)
+    assert verdicts[3] is None
+    assert (average - torch.tensor([1.0, 1.0])).norm() <= 1.0  # still clipped all the same
+
+
+def test_parameter_averaging_bans_for_non_finite_values_only() -> None:
+    from distributed_training.swarm.guard import NEVER
+    from distributed_training.training.trainer import TrainerSettings
+
+    settings = TrainerSettings(run_id="r", batch_size=1, target_batch_size=1)
+    assert settings.guard("state").rule.clip_strikes == NEVER
+    assert settings.guard("gradients").rule == settings.bans == settings.guard("pseudo-gradients").rule
+    state = settings.guard("state")
+    for _ in range(5):
+        state.record({"drifted": CLIPPED}, ["drifted"])
+    assert state.refuse("drifted", "group") is None
+    state.record({"drifted": NON_FINITE}, ["drifted"])
+    assert state.refuse("drifted", "group") is not None
+
+
+def test_two_senders_get_the_weighted_mean_and_no_verdict_by_distance() -> None:
+    small, large = torch.tensor([0.001, 0.0]), torch.tensor([100.0, -50.0])
+    average, verdicts = robust_average([small, large], [1.0, 3.0], RULE)
+    assert torch.allclose(average, (small + 3 * large) / 4)
+    assert verdicts == [None, None]
+    _, verdicts = robust_average([small, torch.tensor([float("nan"), 0.0])], [1.0, 1.0], RULE)
+    assert verdicts == [None, NON_FINITE]
