@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from .robust import CLIPPED, FAR_OFF, NON_FINITE
@@ -33,6 +34,7 @@ PeerAdmission = Callable[[str], Optional[str]]
 class BanRule:
     ban_rounds: int = 10  # rounds a banned peer is refused
     clip_strikes: int = 2  # consecutive clipped rounds that earn a ban
+    ban_far_off: bool = True  # a part far beyond every other member's is banned at once
 
     def __post_init__(self) -> None:
         if self.ban_rounds < 1 or self.clip_strikes < 1:
@@ -41,23 +43,32 @@ class BanRule:
 
 class AveragingGuard:
     def __init__(self, name: str, rule: BanRule = BanRule(), admit: Optional[PeerAdmission] = None,
-                 on_ban: Optional[Callable[[str, str], None]] = None):
+                 on_ban: Optional[Callable[[str, str], None]] = None, board: Optional[Path] = None):
         """`name` says which averager in the log; `admit` checks a peer beyond bans (its binding);
-        `on_ban(peer, reason)` hears each new ban (for the miner's metrics)."""
-        self.name, self.rule, self.admit, self.on_ban = name, rule, admit, on_ban
+        `on_ban(peer, reason)` hears each new ban (for the miner's metrics); `board` is a directory the
+        guards of one peer's averagers share (they run in separate processes): a peer one of them bans
+        is refused by all while that ban lasts, so the gradient and parameter averagers never disagree."""
+        self.name, self.rule, self.admit, self.on_ban, self.board = name, rule, admit, on_ban, board
         self.rounds = 0
         self.banned_until: dict[str, int] = {}  # peer -> first round it is admitted again
         self.strikes: dict[str, int] = {}
         self._logged: set[tuple[str, str]] = set()
 
+    def _posted(self, peer: str) -> Path:
+        return self.board / f"{self.name}-{peer}"
+
     def ban_reason(self, peer: str) -> Optional[str]:
         until = self.banned_until.get(peer)
-        if until is None:
-            return None
-        if self.rounds >= until:
+        if until is not None and self.rounds >= until:
             del self.banned_until[peer]
-            return None
-        return f"banned for {until - self.rounds} more round(s)"
+            if self.board is not None:
+                self._posted(peer).unlink(missing_ok=True)
+            until = None
+        if until is not None:
+            return f"banned for {until - self.rounds} more round(s)"
+        if self.board is not None and any(self.board.glob(f"*-{peer}")):
+            return "banned by this peer's other averager"
+        return None
 
     def refuse(self, peer: str, where: str) -> Optional[str]:
         """None if `peer` may take part at `where` (matchmaking, all-reduce, group, state ...), else why not."""
@@ -76,7 +87,7 @@ class AveragingGuard:
             verdict = verdicts.get(peer)
             if verdict == NON_FINITE:
                 self._ban(peer, "sent non-finite values")
-            elif verdict == FAR_OFF:
+            elif verdict == FAR_OFF and self.rule.ban_far_off:
                 self._ban(peer, "sent values far beyond every other member's")
             elif verdict == CLIPPED:
                 self.strikes[peer] = self.strikes.get(peer, 0) + 1
@@ -90,6 +101,11 @@ class AveragingGuard:
     def _ban(self, peer: str, why: str) -> None:
         self.strikes.pop(peer, None)
         self.banned_until[peer] = self.rounds + self.rule.ban_rounds
+        if self.board is not None:
+            try:
+                self._posted(peer).touch()
+            except OSError as exc:  # the ban still holds here
+                logger.warning("%s: could not post the ban of %s for the other averagers: %s", self.name, peer, exc)
         self._logged = {(p, r) for p, r in self._logged if p != peer}
         logger.warning("%s: banning %s for %d rounds: %s", self.name, peer, self.rule.ban_rounds, why)
         if self.on_ban is not None:

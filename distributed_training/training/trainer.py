@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import abc
 import logging
+import tempfile
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -54,8 +56,19 @@ class TrainerSettings:
 
         Parameters are averaged to pull together peers that drifted apart, so an honest peer's can be
         far from the others' and clipped; there only non-finite values earn a ban."""
-        rule = replace(self.bans, clip_strikes=NEVER) if name == "state" else self.bans
-        return AveragingGuard(name, rule, admit=self.admit)
+        rule = replace(self.bans, clip_strikes=NEVER, ban_far_off=False) if name == "state" else self.bans
+        return AveragingGuard(name, rule, admit=self.admit, board=_ban_board())
+
+
+_BOARD: Optional[Path] = None
+
+
+def _ban_board() -> Path:
+    """One directory per process where its averagers' guards post their bans to each other."""
+    global _BOARD
+    if _BOARD is None or not _BOARD.is_dir():
+        _BOARD = Path(tempfile.mkdtemp(prefix="dt-bans-"))
+    return _BOARD
 
 
 @dataclass(frozen=True)

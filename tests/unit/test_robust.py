@@ -146,6 +146,7 @@ def test_parameter_averaging_bans_for_non_finite_values_only() -> None:
     state = settings.guard("state")
     for _ in range(5):
         state.record({"drifted": CLIPPED}, ["drifted"])
+        state.record({"drifted": FAR_OFF}, ["drifted"])
     assert state.refuse("drifted", "group") is None
     state.record({"drifted": NON_FINITE}, ["drifted"])
     assert state.refuse("drifted", "group") is not None
@@ -158,3 +159,14 @@ def test_two_senders_get_the_weighted_mean_and_no_verdict_by_distance() -> None:
     assert verdicts == [None, None]
     _, verdicts = robust_average([small, torch.tensor([float("nan"), 0.0])], [1.0, 1.0], RULE)
     assert verdicts == [None, NON_FINITE]
+
+
+def test_a_ban_by_one_averager_holds_in_the_others_of_the_peer(tmp_path) -> None:
+    gradients = AveragingGuard("gradients", BanRule(ban_rounds=2), board=tmp_path)
+    state = AveragingGuard("state", BanRule(ban_rounds=2), board=tmp_path)
+    gradients.record({"poisoner": NON_FINITE}, ["poisoner"])
+    assert "other averager" in state.refuse("poisoner", "group")
+    gradients.record({}, [])
+    gradients.record({}, [])
+    assert gradients.refuse("poisoner", "group") is None  # its ban ran out and its post is taken down
+    assert state.refuse("poisoner", "group") is None
