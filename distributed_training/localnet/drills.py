@@ -52,6 +52,14 @@ class Drill:
         return max((first[name] - second[name]).abs().max().item() for name in first)
 
 
+def _wait_for_honest(group: ProcessGroup, timeout: float) -> None:
+    """Until every honest miner ended; one that failed is an error with its log's tail."""
+    for name in HONEST:
+        code = group.wait(name, timeout=timeout)
+        if code != 0:
+            raise RuntimeError(f"{name} exited with {code}:\n{group.members[name].log_tail()}")
+
+
 def run_poison_drill(work: Path, mode: str, poison: Optional[str], max_epochs: int = 6, timeout: float = 400) -> Drill:
     """Two honest miners, and a poisoner from `POISON_FROM` on (`poison` None: the reference run)."""
     run_id = f"drill-{uuid.uuid4().hex[:8]}"
@@ -65,10 +73,7 @@ def run_poison_drill(work: Path, mode: str, poison: Optional[str], max_epochs: i
             group.start("poisoner", "distributed_training.localnet.cheats",
                         [*common, "--neuron.uid", "2", "--cheat", "poisoner", "--cheat.poison", poison,
                          "--cheat.poison_from", str(POISON_FROM)], work / "poisoner")
-        for name in HONEST:
-            code = group.wait(name, timeout=timeout)
-            if code != 0:
-                raise RuntimeError(f"{name} exited with {code}:\n{group.members[name].log_tail()}")
+        _wait_for_honest(group, timeout)
     adversary = None
     if poison:
         adversary = next(e["peer_id"] for e in read_metrics(work / "poisoner" / "metrics.jsonl", "dht"))
@@ -101,10 +106,7 @@ def run_intruder_drill(work: Path, mode: str, max_epochs: int = 4, timeout: floa
             group.start(name, "miner.py", args, work / name)
         group.start("intruder", "distributed_training.localnet.cheats",
                     [*common, "--neuron.uid", "7", "--cheat", "intruder"], work / "intruder")
-        for name in HONEST:
-            code = group.wait(name, timeout=timeout)
-            if code != 0:
-                raise RuntimeError(f"{name} exited with {code}:\n{group.members[name].log_tail()}")
+        _wait_for_honest(group, timeout)
         intruder_log = (work / "logs" / "intruder.log").read_text()
     adversary = next(e["peer_id"] for e in read_metrics(work / "intruder" / "metrics.jsonl", "dht"))
     logs = {name: (work / "logs" / f"{name}.log").read_text() for name in HONEST}

@@ -75,8 +75,9 @@ class AveragingGuard:
         reason = self.ban_reason(peer)
         if reason is None and self.admit is not None:
             reason = self.admit(peer)
-        if reason is not None and (peer, reason.split(" for ")[0]) not in self._logged:
-            self._logged.add((peer, reason.split(" for ")[0]))
+        logged = (peer, reason.split(" for ")[0] if reason else None)  # "banned for N more" counts down
+        if reason is not None and logged not in self._logged:
+            self._logged.add(logged)
             logger.warning("%s: refusing %s at %s: %s", self.name, peer, where, reason)
         return reason
 

@@ -63,9 +63,9 @@ def _lower_median(values: torch.Tensor) -> torch.Tensor:
     return values.median(dim=0).values  # torch's median is the lower one for an even count: a member's own value
 
 
-def robust_average(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: RobustRule
-                   ) -> tuple[torch.Tensor, list[Optional[str]]]:
-    """The robust mean of `parts` (one per sender, same shape) and each sender's verdict (None: used as sent)."""
+def _usable(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: RobustRule):
+    """Each sender's verdict so far (non-finite or None), the senders that count, their parts stacked
+    as float32 rows, their capped weights and the median weight."""
     if len(parts) != len(weights) or not parts:
         raise ValueError(f"{len(parts)} parts and {len(weights)} weights")
     verdicts: list[Optional[str]] = [None] * len(parts)
@@ -78,24 +78,33 @@ def robust_average(parts: Sequence[torch.Tensor], weights: Sequence[float], rule
             usable.append(i)
     if not usable:
         raise NothingToAverage("no sender contributed a finite part with a positive weight")
-
     stacked = torch.stack([parts[i].reshape(-1).to(torch.float32) for i in usable])
     declared = torch.tensor([float(weights[i]) for i in usable], dtype=torch.float32)
-    capped = torch.minimum(declared, rule.weight_cap * _lower_median(declared))
+    median_weight = _lower_median(declared)  # also the capped weights' median: the cap is at least 1 median
+    return verdicts, usable, stacked, torch.minimum(declared, rule.weight_cap * median_weight), median_weight
 
-    if len(usable) < MIN_MAJORITY:  # no majority to measure a distance against: the weighted mean, unclipped
-        average = (capped @ stacked) / capped.sum()
-        return average.reshape(parts[usable[0]].shape).to(parts[usable[0]].dtype), verdicts
 
+def _center(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The coordinate-wise median, each row's offset from it, their norms and the median norm."""
     center = _lower_median(stacked)
     offsets = stacked - center
     distances = offsets.norm(dim=1)
-    spread = _lower_median(distances)
+    return center, offsets, distances, _lower_median(distances)
+
+
+def robust_average(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: RobustRule
+                   ) -> tuple[torch.Tensor, list[Optional[str]]]:
+    """The robust mean of `parts` (one per sender, same shape) and each sender's verdict (None: used as sent)."""
+    verdicts, usable, stacked, capped, median_weight = _usable(parts, weights, rule)
+    shape, dtype = parts[usable[0]].shape, parts[usable[0]].dtype
+    if len(usable) < MIN_MAJORITY:  # no majority to measure a distance against: the weighted mean, unclipped
+        return ((capped @ stacked) / capped.sum()).reshape(shape).to(dtype), verdicts
+
+    center, offsets, distances, spread = _center(stacked)
     tau = rule.clip_factor * spread
     scale = torch.where(distances > tau, tau / distances.clamp_min(1e-30), torch.ones_like(distances))
     # A mean over few samples is noisier (its distance grows as 1/sqrt(samples)): such a part is clipped
     # like any other, but counts against its sender only if it is far even for its sample count.
-    median_weight = _lower_median(capped)
     excess = distances * torch.sqrt(torch.minimum(capped, median_weight) / median_weight)
     for row, i in enumerate(usable):
         if excess[row] > rule.ban_factor * spread:
@@ -104,18 +113,14 @@ def robust_average(parts: Sequence[torch.Tensor], weights: Sequence[float], rule
             verdicts[i] = CLIPPED
 
     average = center + (capped * scale) @ offsets / capped.sum()
-    return average.reshape(parts[usable[0]].shape).to(parts[usable[0]].dtype), verdicts
+    return average.reshape(shape).to(dtype), verdicts
 
 
 def influence_bound(weights: Sequence[float], member: int, parts: Sequence[torch.Tensor], rule: RobustRule) -> float:
     """How far member `member`'s term can move `robust_average(parts, weights)`: w_j * tau / W (see the module doc)."""
-    finite = [i for i, p in enumerate(parts) if bool(torch.isfinite(p).all()) and weights[i] > 0]
-    declared = torch.tensor([float(weights[i]) for i in finite])
-    capped = torch.minimum(declared, rule.weight_cap * _lower_median(declared))
-    stacked = torch.stack([parts[i].reshape(-1).to(torch.float32) for i in finite])
-    center = _lower_median(stacked)
-    tau = rule.clip_factor * _lower_median((stacked - center).norm(dim=1))
-    return float(capped[finite.index(member)] * tau / capped.sum())
+    _, usable, stacked, capped, _ = _usable(parts, weights, rule)
+    spread = _center(stacked)[3]
+    return float(capped[usable.index(member)] * rule.clip_factor * spread / capped.sum())
 
 
 # A reducer sees only its share of each sender's vector, so a sender that poisons one part is caught by
