@@ -40,7 +40,8 @@ from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_
 from hivemind.utils.timed_storage import get_dht_time
 
 from . import HivemindVersionError, base58 as _base58, peer_ids
-from .robust import NothingToAverage, RobustRule, decode_verdicts, encode_verdicts, robust_average, worse
+from .robust import (NothingToAverage, RobustRule, decode_verdicts, encode_verdicts, robust_average,
+                     round_verdicts, worse)
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +166,10 @@ class RobustPartReducer(TensorPartReducer):
 
     def __init__(self, part_shapes, num_senders: int, rule: RobustRule):
         self.rule = rule
-        self.verdicts: dict[int, str] = {}
-        self.part_masks: dict[int, float] = {}  # part index -> its verdicts, as sent back to every sender
+        self.verdicts: dict[int, str] = {}  # the round's verdicts so far, by sender index
+        self.part_masks: dict[int, float] = {}  # part index -> `verdicts` after it, as sent back to every sender
+        self._found: dict[int, list[str]] = {}  # sender -> its verdicts on the parts reduced so far
+        self._parts_done = 0
         self._received: list[tuple[int, torch.Tensor, float]] = []
         super().__init__(part_shapes, num_senders)
 
@@ -205,10 +208,12 @@ class RobustPartReducer(TensorPartReducer):
             verdicts = []
         else:
             self.current_part_future.set_result(average)
+        self._parts_done += 1
         for sender, verdict in zip(senders, verdicts):
             if verdict is not None:
-                self.verdicts[sender] = worse(self.verdicts.get(sender), verdict)
-        self.part_masks[self.current_part_index] = encode_verdicts(dict(zip(senders, verdicts)))
+                self._found.setdefault(sender, []).append(verdict)
+        self.verdicts = round_verdicts(self._found, self._parts_done)
+        self.part_masks[self.current_part_index] = encode_verdicts(self.verdicts)
         self.reset_accumulators()
 
 
@@ -275,8 +280,8 @@ class ConsensusAllReduceRunner(AllReduceRunner):
             async for averaged_part, mask in amap_in_executor(_decode, aiter_with_timeout(stream, self.reducer_timeout),
                                                               max_prefetch=self.tensor_part_container.prefetch):
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
-                for sender, verdict in decode_verdicts(mask, len(self.sender_peer_ids)).items():
-                    remote[sender] = worse(remote.get(sender), verdict)
+                remote.clear()  # each reply carries the reducer's verdicts on the round so far: the last counts
+                remote.update(decode_verdicts(mask, len(self.sender_peer_ids)))
                 part_index += 1
             if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
                 raise AllreduceException(f"peer {peer_id} sent {part_index} parts, expected "

@@ -132,6 +132,19 @@ _MASK_BITS = 17  # senders a verdict mask can name (the rest of a larger group i
 _RANK = {None: 0, CLIPPED: 1, FAR_OFF: 2, NON_FINITE: 3}
 
 
+def round_verdicts(found: dict[int, list[str]], parts: int) -> dict[int, str]:
+    """A round's verdict per sender from its verdicts on `parts` parts: non-finite in any part counts; a
+    distance only in most parts, since a sparse gradient (embedding rows of tokens only one sender saw)
+    is far off in a few parts honestly."""
+    verdicts = {}
+    for sender, kinds in found.items():
+        if NON_FINITE in kinds:
+            verdicts[sender] = NON_FINITE
+        elif 2 * len(kinds) > parts:
+            verdicts[sender] = FAR_OFF if 2 * kinds.count(FAR_OFF) > parts else CLIPPED
+    return verdicts
+
+
 def worse(first: Optional[str], second: Optional[str]) -> Optional[str]:
     """The graver of two verdicts."""
     return first if _RANK[first] >= _RANK[second] else second

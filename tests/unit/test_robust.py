@@ -9,7 +9,8 @@ import torch
 
 from distributed_training.swarm.guard import AveragingGuard, BanRule
 from distributed_training.swarm.robust import (CLIPPED, FAR_OFF, NON_FINITE, NothingToAverage, RobustRule, decode_verdicts,
-                                               encode_verdicts, influence_bound, robust_average)
+                                               encode_verdicts, influence_bound, robust_average,
+                                               round_verdicts)
 
 RULE = RobustRule(clip_factor=4.0, weight_cap=4.0)
 
@@ -170,3 +171,9 @@ def test_a_ban_by_one_averager_holds_in_the_others_of_the_peer(tmp_path) -> None
     gradients.record({}, [])
     assert gradients.refuse("poisoner", "group") is None  # its ban ran out and its post is taken down
     assert state.refuse("poisoner", "group") is None
+
+
+def test_distance_counts_against_a_sender_only_in_most_parts() -> None:
+    found = {0: [FAR_OFF], 1: [FAR_OFF, FAR_OFF, FAR_OFF], 2: [CLIPPED, CLIPPED], 3: [NON_FINITE]}
+    assert round_verdicts(found, 4) == {1: FAR_OFF, 3: NON_FINITE}  # one far part of four: a sparse gradient
+    assert round_verdicts(found, 3) == {1: FAR_OFF, 2: CLIPPED, 3: NON_FINITE}
