@@ -1,0 +1,93 @@
+"""Swarm mode's `hivemind.Optimizer`, recording its groups and gated like every averager."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from functools import partial
+from typing import Any, Callable, Optional
+
+import hivemind
+import torch
+from hivemind.optim.state_averager import TrainingStateAverager
+
+from .. import peer_ids
+from ..robust import RobustRule
+
+logger = logging.getLogger(__name__)
+from .gate import GuardedGradientAverager, GuardedStateAverager
+
+
+# --- gradient averaging: hivemind.Optimizer -----------------------------------------------------------
+class GroupRecordingOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer that remembers how many peers the last gradient all-reduce included.
+
+    The group size is the only direct evidence that an epoch was really trained together, and
+    hivemind only logs it; we keep it for the miner's metrics and for tests. It also times the two
+    places where a step blocks on the swarm (the gradient all-reduce, with its wait for the group,
+    and state loading); matchmaking and state averaging run on hivemind's threads meanwhile.
+    """
+
+    last_group: Optional[tuple[str, ...]] = None  # peer ids of the last epoch's all-reduce; None: not averaged
+
+    @property
+    def last_group_size(self) -> Optional[int]:
+        return None if self.last_group is None else len(self.last_group)
+
+    def __init__(self, *args: Any, timing: Any, guards: Callable[[str], Any], robust_rule: RobustRule, **kwargs: Any):
+        """`timing` is the trainer's `TimeSplit`: the blocking calls below count as communication in it.
+        `guards(name)` makes the `AveragingGuard` of each averager ("gradients", "state")."""
+        self.timing = timing  # before hivemind's constructor, which may already call the methods below
+        self._guards, self._robust_rule = guards, robust_rule
+        super().__init__(*args, grad_averager_factory=partial(GuardedGradientAverager, guard=guards("gradients"),
+                                                              robust_rule=robust_rule), **kwargs)
+
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        return GuardedStateAverager(
+            guard=self._guards("state"), robust_rule=self._robust_rule,
+            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs)
+
+    @torch.no_grad()
+    def copy_parameters_to_offloaded(self) -> None:
+        """After the model's parameters were overwritten (a restored checkpoint), the copies the
+        offloaded optimizer updates must hold the same values, or its next step undoes the restore."""
+        offloaded = [p for group in self.opt.param_groups for p in group["params"]]
+        for main, copy in zip(self.state_averager.main_parameters, offloaded):
+            copy.copy_(main)
+
+    def _update_global_epoch(self, grad_scaler):
+        self.last_group = (self.dht.peer_id.to_base58(),)  # alone unless the all-reduce below records a group
+        super()._update_global_epoch(grad_scaler)
+
+    # Alone, hivemind still pre-schedules an all-reduce `matchmaking_time` before each epoch, and its
+    # matchmaking then polls the DHT in a tight loop (empty leader queue -> fetch again) until the
+    # epoch cancels it for want of peers: with the default 15 s that is every step of a
+    # short epoch, and the averager and DHT processes burned more CPU than training itself. Only
+    # pre-schedule once another peer reports progress; hivemind's own epoch code starts one
+    # on the spot when one has joined (`_begin_averaging_gradients`), so nobody is left out.
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        if self.tracker.global_progress.num_peers > 1:
+            super()._maybe_schedule_gradient_averaging()
+
+    def _maybe_schedule_state_averaging(self) -> None:
+        if self.tracker.global_progress.num_peers > 1:
+            super()._maybe_schedule_state_averaging()
+
+    def load_state_from_peers(self, **kwargs):
+        self.last_group = None  # an epoch reached by loading state was not averaged by this peer
+        with self.timing.communicating():
+            super().load_state_from_peers(**kwargs)
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+        with self.timing.communicating():
+            super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        control = maybe_step_control
+        if control is not None and control.done() and not control.cancelled():
+            with contextlib.suppress(BaseException):
+                self.last_group = peer_ids(control.result(0))
+
+
