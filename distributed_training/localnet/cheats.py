@@ -12,7 +12,11 @@ swarm starts them with `python -m distributed_training.localnet.cheats --cheat K
 - poisoner: trains, then from epoch `--cheat.poison_from` on sends a corrupted gradient (swarm mode)
   or pseudo-gradient (DiLoCo) to the all-reduce: `--cheat.poison nan|scale|noise`;
 - intruder: no registration, no binding: a stranger on the DHT that trains and tries to join the
-  run's all-reduce and to download its state.
+  run's all-reduce and to download its state;
+- hijacker: registered and bound, trains honestly, but serves a random model as its epoch + 3 at
+  state-sharing priority 1e9 (and, in DiLoCo, signs that state's digest);
+- inflater: registered and bound, trains honestly, but keeps its signed progress record claiming
+  epoch 10^6 and 10^9 samples (stored with a longer lifetime than its tracker's, so it stays).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import threading
+import time
 from types import SimpleNamespace
 from typing import Optional, Sequence
 
@@ -157,8 +163,115 @@ class IntruderMiner(Miner):
         super().__init__(config)
 
 
+HIJACK_LEAD = 3  # a hijacker announces its state this many epochs ahead of its own
+HIJACK_PRIORITY = 1e9  # and asks to be downloaded from first
+
+
+class HijackerMiner(Miner):
+    """A bound miner that serves a forged state: random θ_global as epoch + 3, first in every joiner's list."""
+
+    kind = "hijacker"
+
+    def train(self) -> None:
+        self._install_forgery()
+        super().train()
+
+    def _install_forgery(self) -> None:
+        trainer = self.parts.trainer
+        averaging = getattr(trainer, "averaging", None)
+        if averaging is None:
+            return self._install_swarm_forgery(trainer)
+        generator = torch.Generator().manual_seed(1234)
+        forged = [torch.randn(p.shape, generator=generator) for p in trainer._global_params]
+        forged += [torch.zeros_like(b) for b in trainer._momentum_buffers()]
+        count = len(trainer._global_params)
+
+        def forged_state():
+            metadata, _ = trainer._state_for_peers()
+            metadata["epoch"] = trainer.local_epoch + HIJACK_LEAD
+            return metadata, [tensor.clone() for tensor in forged]
+
+        def sign_forgery() -> None:  # a lone liar: it signs only its forged state
+            if trainer.settings.state_digests is not None:
+                trainer.settings.state_digests.publish(trainer.local_epoch + HIJACK_LEAD, forged[:count])
+
+        start_epoch = averaging.start_epoch
+
+        def start_epoch_first_in_line(epoch: int) -> None:
+            start_epoch(epoch)
+            averaging.averager.state_sharing_priority = HIJACK_PRIORITY
+
+        averaging.averager.state_source = forged_state
+        averaging.start_epoch = start_epoch_first_in_line
+        trainer._publish_digest = sign_forgery
+        averaging.averager.state_sharing_priority = HIJACK_PRIORITY
+        sign_forgery()
+        self.metrics.write("hijack", epoch=trainer.local_epoch + HIJACK_LEAD, priority=HIJACK_PRIORITY)
+
+
+    def __init__(self, config: SimpleNamespace):
+        super().__init__(config)
+        if config.training.mode != "diloco":  # swarm mode: hivemind holds `get_current_state` from construction on
+            from ..swarm.hivemind_private import optimizer as private_optimizer
+
+            private_optimizer.GuardedStateAverager = _forging_state_averager()
+
+    def _install_swarm_forgery(self, trainer) -> None:
+        """Swarm mode: the state averager (`_ForgingStateAverager`) serves random tensors as epoch + 3;
+        its priority stays 1e9 (hivemind resets it to the epoch at every epoch)."""
+        state_averager = trainer.optimizer.state_averager
+
+        def first_in_line() -> None:
+            while not self.stop_event.is_set():
+                state_averager.state_sharing_priority = HIJACK_PRIORITY
+                self.stop_event.wait(0.5)
+
+        threading.Thread(target=first_in_line, name="hijacker", daemon=True).start()
+        self.metrics.write("hijack", epoch=trainer.local_epoch + HIJACK_LEAD, priority=HIJACK_PRIORITY)
+
+
+def _forging_state_averager():
+    from ..swarm.hivemind_private import GuardedStateAverager
+
+    class ForgingStateAverager(GuardedStateAverager):
+        def get_current_state(self):
+            metadata, tensors, infos = super().get_current_state()
+            metadata["epoch"] = self.local_epoch + HIJACK_LEAD
+            generator = torch.Generator().manual_seed(1234)
+            return metadata, [torch.randn(t.shape, generator=generator).to(t.dtype) for t in tensors], infos
+
+    # hivemind names a servicer's RPC protocols after its class: under another name no peer could ask it
+    ForgingStateAverager.__name__ = ForgingStateAverager.__qualname__ = GuardedStateAverager.__name__
+    return ForgingStateAverager
+
+
+INFLATED_EPOCH, INFLATED_SAMPLES = 10**6, 10**9
+INFLATE_EVERY = 5.0  # seconds between re-stores of the lie; it lives 90 s, the tracker's true record 60 s
+
+
+class InflaterMiner(Miner):
+    """A bound miner whose progress record, signed with its own bound key, claims epoch 10^6."""
+
+    kind = "inflater"
+
+    def train(self) -> None:
+        from ..swarm.progress import PeerProgress, publish_progress
+
+        def inflate() -> None:
+            parts = self.parts
+            while not self.stop_event.is_set():
+                lie = PeerProgress(parts.peer_id, INFLATED_EPOCH, INFLATED_SAMPLES, 1e9, False, time.time())
+                if publish_progress(parts.dht, parts.spec.run_id, lie, lifetime=90.0):
+                    self.metrics.write("inflated", epoch=INFLATED_EPOCH)
+                self.stop_event.wait(INFLATE_EVERY)
+
+        threading.Thread(target=inflate, name="inflater", daemon=True).start()
+        super().train()
+
+
 CHEATS: dict[str, type[Miner]] = {cls.kind: cls for cls in (DeadMiner, LiarMiner, CopycatMiner, LazyMiner,
-                                                            StaleMiner, PoisonerMiner, IntruderMiner)}
+                                                            StaleMiner, PoisonerMiner, IntruderMiner, HijackerMiner,
+                                                            InflaterMiner)}
 
 
 def make_cheat(kind: str, config: SimpleNamespace, copy_uid: Optional[int] = None, poison_kind: str = "scale",

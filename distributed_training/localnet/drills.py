@@ -43,6 +43,10 @@ class Drill:
     def epochs(self, index: int) -> list[dict]:
         return read_metrics(self.dirs[index] / "metrics.jsonl", "epoch")
 
+    @staticmethod
+    def epochs_of(state_dir: Path) -> list[dict]:
+        return read_metrics(state_dir / "metrics.jsonl", "epoch")
+
     def skips(self, index: int) -> list[dict]:
         return read_metrics(self.dirs[index] / "metrics.jsonl", "skip")
 
@@ -79,39 +83,6 @@ def run_poison_drill(work: Path, mode: str, poison: Optional[str], max_epochs: i
         adversary = next(e["peer_id"] for e in read_metrics(work / "poisoner" / "metrics.jsonl", "dht"))
     return Drill(dirs=[work / name for name in HONEST], adversary=adversary,
                  logs={name: (work / "logs" / f"{name}.log").read_text() for name in HONEST})
-
-
-def run_intruder_drill(work: Path, mode: str, max_epochs: int = 4, timeout: float = 400) -> Drill:
-    """Two registered, bound honest miners on an embedded chain, and an intruder: a peer with no registration."""
-    from ..chain import LocalChain
-    from ..chain.wallets import create_wallet
-
-    run_id = f"drill-{uuid.uuid4().hex[:8]}"
-    db, wallets = work / "chain.sqlite", work / "wallets"
-    with LocalChain(db, block_time=1.0) as chain:
-        chain.create_subnet(1, exist_ok=True)
-        for name in HONEST:
-            wallet = create_wallet("drill", name, wallets)
-            chain.register(1, wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
-    with ProcessGroup(work / "logs") as group:
-        peers = group.initial_peers(group.start_dht_node("dht", work / "dht"))
-        common = [*DRILL_FLAGS, *MODE_FLAGS[mode], "--neuron.run_id", run_id, "--dht.initial_peers", ",".join(peers),
-                  "--neuron.max_epochs", str(max_epochs)]
-        chain_flags = ["--subtensor.network", "embedded", "--chain.db", str(db), "--netuid", "1",
-                       "--wallet.path", str(wallets), "--wallet.name", "drill", "--axon.port", "0",
-                       "--axon.ip", "127.0.0.1"]
-        for name in HONEST:
-            args = [a for a in common if a != "--neuron.swarm_only"] + chain_flags + ["--wallet.hotkey", name,
-                                                                                     "--neuron.wait_for_peers", "3"]
-            group.start(name, "miner.py", args, work / name)
-        group.start("intruder", "distributed_training.localnet.cheats",
-                    [*common, "--neuron.uid", "7", "--cheat", "intruder"], work / "intruder")
-        _wait_for_honest(group, timeout)
-        intruder_log = (work / "logs" / "intruder.log").read_text()
-    adversary = next(e["peer_id"] for e in read_metrics(work / "intruder" / "metrics.jsonl", "dht"))
-    logs = {name: (work / "logs" / f"{name}.log").read_text() for name in HONEST}
-    logs["intruder"] = intruder_log
-    return Drill(dirs=[work / name for name in HONEST], adversary=adversary, logs=logs)
 
 
 def held_out_loss(state_dir: Path, pages: int = 32) -> float:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the heavy modules are imported where they are built, after 
     from ..data.pages import PageSource
     from ..data.tokenizer import Tokenizer
     from ..spec import ModelPreset, RunSpec
+    from ..swarm.ban_records import BanRecords
     from ..swarm.bindings import PeerBinder
     from ..swarm.dht import DHT, MinerRecords, RunSpecRecords
     from ..training.trainer import Trainer, TrainerSettings
@@ -48,11 +49,17 @@ class NeuronParts:
     peer_id: str
     num_params: int
     binding: Optional["PeerBinder"] = None  # with a wallet: this peer's published binding to its hotkey
+    bans: Optional["BanRecords"] = None  # with a wallet: this peer's published bans, for validators
 
     def renew_binding(self) -> None:
-        """Publish a fresh binding before the current one lapses (called every epoch)."""
+        """Publish a fresh binding before the current one lapses, and the peers this one bans now
+        (called every epoch)."""
         if self.binding is not None:
             self.binding.renew()
+        if self.bans is not None:
+            from ..training.trainer import ban_board
+
+            self.bans.publish(ban_board())
 
     def close(self) -> None:
         try:
@@ -156,16 +163,28 @@ def build_neuron_parts(config: SimpleNamespace, metrics: Optional[MetricsLog] = 
         num_params = count_parameters(model)
         micro = choose_micro_batch(model, device, config.neuron.batch_size, seq_len, config.neuron.micro_batch_size)
         settings = trainer_settings(config, device, micro)
-        binder = None
+        binder = ban_records = None
         if identity is not None:
             from dataclasses import replace
 
             from ..chain.admission import ChainAdmission
+            from ..swarm.ban_records import BanRecords
             from ..swarm.bindings import BoundPeers, PeerBinder
+            from ..swarm.state_digests import StateDigests
 
             binder = PeerBinder(dht, spec.run_id, identity.wallet.hotkey)
             binder.renew()
-            settings = replace(settings, admit=BoundPeers(dht, spec.run_id, ChainAdmission.from_config(config)))
+            ban_records = BanRecords(dht, spec.run_id)
+            admission = ChainAdmission.from_config(config)
+            from functools import partial
+
+            from ..swarm.guard import post_ban
+            from ..training.trainer import ban_board
+
+            digests = StateDigests(dht, spec.run_id, admission, check_digests=config.training.mode == "diloco",
+                                   accuse=partial(post_ban, ban_board(), "state", refuse=False))
+            settings = replace(settings, admit=BoundPeers(dht, spec.run_id, admission), state_digests=digests,
+                               accuse=partial(post_ban, ban_board(), "progress"))
         logger.info("model %s: %.2fM parameters, vocab %d (embedding %d), %s loss, seq_len %d, device %s "
                     "(compile %s, micro-batch %s), run spec %s", preset.name, num_params / 1e6, tokenizer.vocab_size,
                     model.config.vocab_size, spec.loss_kernel, seq_len, device, settings.compile,
@@ -178,7 +197,8 @@ def build_neuron_parts(config: SimpleNamespace, metrics: Optional[MetricsLog] = 
     if metrics is not None:
         metrics.write("dht", peer_id=peer_id, maddrs=maddrs, spec=spec.digest)
     return NeuronParts(source=source, tokenizer=tokenizer, model=model, dht=dht, trainer=trainer, records=records,
-                       spec=spec, spec_records=spec_records, peer_id=peer_id, num_params=num_params, binding=binder)
+                       spec=spec, spec_records=spec_records, peer_id=peer_id, num_params=num_params, binding=binder,
+                       bans=ban_records)
 
 
 class NeuronIdentity:

@@ -27,7 +27,9 @@ from ..protocol import WORK_PATH, WorkRequest, WorkResponse, response_mismatch
 from ..transport import MinerClient, Target
 from ..validation.follower import SwarmFollower
 from ..validation.scoring import ScoreBook
-from ..validation.verify import Tolerance, Verdict, judge, matching_epoch, no_response
+from ..swarm.ban_records import believed_ban, read_bans
+from ..swarm.bindings import live_bindings
+from ..validation.verify import SCORE_UNACCEPTABLE, Tolerance, Verdict, judge, matching_epoch, no_response
 from .entry import close_in_order, install_stop_handlers
 from .setup import build_neuron_parts, open_identity
 
@@ -53,6 +55,8 @@ class Validator:
         self.rng = random.Random()
         self.parts = None
         self.follower: Optional[SwarmFollower] = None
+        self.bound_by_hotkey: Optional[dict[str, str]] = None  # None: the swarm has no bindings
+        self.accusations: dict[str, dict[str, str]] = {}
 
     def run(self) -> int:
         install_stop_handlers(self.stop_event)
@@ -119,12 +123,13 @@ class Validator:
         sync_started = time.monotonic()
         self.follower.poll_progress()
         self.follower.refresh()  # the swarm may have moved on while miners answered
+        self._read_swarm_word()
         sync_time = time.monotonic() - sync_started
         verify_started = time.monotonic()
         verdicts, rows = {}, []
         for neuron in sampled:
             result = results.get(neuron.uid)
-            verdict, detail = self._verify(requests[neuron.uid], result, asked_epoch)
+            verdict, detail = self._verify(requests[neuron.uid], result, asked_epoch, neuron.hotkey)
             verdicts[neuron.uid] = verdict
             entry = self.book.record(neuron.uid, neuron.hotkey, verdict.score, verdict.reason, verdict.responded)
             rows.append({"uid": neuron.uid, "hotkey": neuron.hotkey, "score": verdict.score, "reason": verdict.reason,
@@ -138,13 +143,30 @@ class Validator:
         self._log_table(rows, block, query_time, verify_time)
         return verdicts
 
-    def _verify(self, request: WorkRequest, result, asked_epoch: int) -> tuple[Verdict, dict]:
+    def _read_swarm_word(self) -> None:
+        """The live bindings (hotkey -> its one bound peer) and the bans bound peers publish."""
+        self.bound_by_hotkey, self.accusations = None, {}
+        admit = self.parts.trainer.settings.admit
+        if admit is None:  # a swarm without bindings (`--neuron.swarm_only`): a miner's word is all there is
+            return
+        bound = live_bindings(self.parts.dht, self.config.neuron.run_id, admit.admit)
+        self.bound_by_hotkey = {binding.hotkey: peer for peer, binding in bound.items()}
+        self.accusations = read_bans(self.parts.dht, self.config.neuron.run_id, bound)
+
+    def _verify(self, request: WorkRequest, result, asked_epoch: int, hotkey: str) -> tuple[Verdict, dict]:
         if result is None or not result.ok:
             return no_response(f"no answer: {result.error if result else 'not queried'}"), {}
         response: WorkResponse = result.response
         mismatch = response_mismatch(request, response)
         if mismatch:
             return no_response(f"malformed answer: {mismatch}"), {}
+        peer_id = response.peer_id  # self-reported: only the hotkey's binding says which peer is the miner's
+        if self.bound_by_hotkey is not None:
+            peer_id = self.bound_by_hotkey.get(hotkey)
+            if peer_id is None:
+                return Verdict(SCORE_UNACCEPTABLE, "its hotkey binds no peer of the swarm"), {}
+            if peer_id != response.peer_id:
+                return Verdict(SCORE_UNACCEPTABLE, f"answers for peer {response.peer_id}, its hotkey binds {peer_id}"), {}
         k = min(self.config.neuron.verify_pages, len(request.pages))
         picks = sorted(self.rng.sample(range(len(request.pages)), k))
         pages = [self.parts.source.page(request.pages[i]) for i in picks]
@@ -161,10 +183,10 @@ class Validator:
             if matching_epoch(reported, {epoch: recomputed[epoch]}, self.tolerance) is not None:
                 break
         recompute_time = time.monotonic() - recompute_started
-        contributed = self.follower.contributed(response.peer_id, since_epoch=swarm_epoch - 2)
+        contributed = self.follower.contributed(peer_id, since_epoch=swarm_epoch - 2)
         verdict = judge(claimed_epoch=response.epoch, swarm_epoch=swarm_epoch, sampled_reported=reported,
                         recomputed_by_epoch=recomputed, contributed=contributed, tolerance=self.tolerance,
-                        latest_epoch=self.follower.swarm_epoch)
+                        latest_epoch=self.follower.swarm_epoch, banned=believed_ban(self.accusations, peer_id))
         best = recomputed.get(response.epoch) or (next(iter(recomputed.values())) if recomputed else [])
         return verdict, {"epoch": response.epoch, "reported": reported, "recomputed": best,
                          "samples_trained": response.samples_trained, "recompute_s": recompute_time,

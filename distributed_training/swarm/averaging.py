@@ -3,7 +3,7 @@
 Which hivemind pieces, and why:
 - `ProgressTracker` (prefix = run id) counts the samples each peer trained in the current epoch and
   publishes them as the signed `<run_id>_progress` records the validator reads, exactly as in
-  gradient-averaging mode. Its global epoch is the highest epoch any training peer reports.
+  gradient-averaging mode. Its global epoch is the robust epoch of the bound peers (`progress.py`).
 - One `PseudoGradientAverager` (prefix `<run_id>_diloco`) whose averaged tensors are fp32
   pseudo-gradient buffers, one per parameter. It also serves this peer's state to joiners (what
   `state_source` returns) and downloads it, with the epoch as state-sharing priority so joiners
@@ -25,15 +25,14 @@ from typing import Any, Callable, Optional, Sequence
 import hivemind
 import torch
 from hivemind.averaging.control import AveragingStage, StepControl
-from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from .compression import codec, uncompressed
 from . import by_peer_id
-from .hivemind_private import PseudoGradientAverager
+from .hivemind_private import BoundProgressTracker, PseudoGradientAverager
 from .robust import RobustRule
-from .progress import read_peer_progress
+from .progress import BindingLookup, read_peer_progress
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +45,20 @@ class OuterAveraging:
     def __init__(self, dht: hivemind.DHT, buffers: Sequence[torch.Tensor], *, run_id: str, target_batch_size: int,
                  matchmaking_time: float, averaging_timeout: float, compression: str, state_source: StateSource,
                  timing: Any, progress_key: Optional[RSAPrivateKey] = None, guard: Any = None,
-                 robust_rule: Optional[RobustRule] = None):
+                 robust_rule: Optional[RobustRule] = None, bindings: Optional[BindingLookup] = None,
+                 state_check: Any = None, accuse: Optional[Callable[[str, str], None]] = None):
         """`progress_key` signs this peer's progress records (default: the process-wide key, as hivemind
         does); only several peers in one process, as in tests, need keys of their own. `guard` and
-        `robust_rule` go to the averager (see `hivemind_private.GuardedAveraging`)."""
+        `robust_rule` go to the averager (see `hivemind_private.GuardedAveraging`); `bindings` (None: no
+        bindings) is whose progress records count (see `hivemind_private.BoundProgressTracker`)."""
         self.dht, self.run_id, self.timing = dht, run_id, timing
         self.matchmaking_time, self.averaging_timeout = matchmaking_time, averaging_timeout
         self._scheduled: Optional[StepControl] = None  # matchmaking started ahead of the epoch's end
         self._scheduled_epoch = -1
-        self.tracker = ProgressTracker(dht=dht, prefix=run_id, target_batch_size=target_batch_size,
-                                       private_key=progress_key, start=True)
+        self.bindings = bindings
+        self.tracker = BoundProgressTracker(dht=dht, prefix=run_id, target_batch_size=target_batch_size,
+                                            private_key=progress_key, bindings=bindings, accuse=accuse,
+                                            start=True)
         try:
             self.averager = PseudoGradientAverager(
                 list(buffers), dht, prefix=f"{run_id}_diloco", start=False, guard=guard, robust_rule=robust_rule,
@@ -69,6 +72,7 @@ class OuterAveraging:
                 state_compression=uncompressed(),  # joiners need θ_global exactly
             )
             self.averager.state_source = state_source
+            self.averager.state_check = state_check  # before the fork below (see `swarm.state_digests`)
             self.averager.run_in_background(await_ready=True)
         except BaseException:
             self.tracker.shutdown(5.0)
@@ -141,7 +145,7 @@ class OuterAveraging:
         """
         with self.timing.communicating():
             me = self.dht.peer_id.to_base58()
-            progress = read_peer_progress(self.dht, self.run_id)
+            progress = read_peer_progress(self.dht, self.run_id, self.bindings)
             fresh = sum(1 for peer, record in progress.items()
                         if peer != me and not record.client_mode and record.epoch >= epoch)
             return max(fresh, self.tracker.global_progress.num_peers - 1)

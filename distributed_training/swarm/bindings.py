@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import hivemind
 import pydantic.v1 as pydantic
@@ -178,6 +178,15 @@ class BoundPeers:
         if binding.expires <= time.time():
             return f"the binding of {binding.hotkey} to peer {peer_id} expired"
         return None
+
+    def bindings(self, peer_ids: Sequence[str] = ()) -> dict[str, PeerBinding]:
+        """The live bindings by peer id (a `progress.BindingLookup`), read again like `__call__` does
+        when stale or when one of `peer_ids` is unknown."""
+        age = time.monotonic() - self._read_at
+        if age > self.refresh or (any(peer not in self._bound for peer in peer_ids) and age > self.retry):
+            self._read()
+        now = time.time()
+        return {peer: binding for peer, binding in self._bound.items() if binding.expires > now}
 
 
 def _is_hex(text: str) -> bool:

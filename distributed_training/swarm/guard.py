@@ -9,8 +9,10 @@ found wrong with each sender (`robust.NON_FINITE`, `robust.CLIPPED`).
 
 Bans count in all-reduce rounds of that averager: one round is one global epoch in both modes.
 A sender whose parts were not finite, or far beyond everyone else's (`robust.FAR_OFF`), is banned
-at once; one clipped beyond the strike distance in `clip_strikes` consecutive rounds is banned too. A banned peer is refused for `ban_rounds` rounds, then admitted again (its
-strikes start over). Refusals are logged once per peer and reason.
+at once; one clipped beyond the strike distance in `clip_strikes` consecutive rounds is banned too.
+A banned peer is refused for `ban_rounds` rounds, then admitted again (its strikes start over); each
+further ban of the same peer lasts twice as long as the one before. Bans are posted on the board
+with their reason, which `ban_records` publishes for validators. Refusals are logged once per peer and reason.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .robust import CLIPPED, FAR_OFF, NON_FINITE
 
 logger = logging.getLogger(__name__)
 
+REPORT = ".report"  # the suffix of a board entry that is published but not refused (`post_ban`)
 NEVER = 2 ** 62  # `clip_strikes` that no run reaches: clipping alone never bans
 
 # Returns None if the peer (base58 id) may average with this one, else why not.
@@ -33,12 +36,27 @@ PeerAdmission = Callable[[str], Optional[str]]
 @dataclass(frozen=True)
 class BanRule:
     ban_rounds: int = 10  # rounds a banned peer is refused
-    clip_strikes: int = 2  # consecutive clipped rounds that earn a ban
+    clip_strikes: int = 3  # consecutive clipped rounds that earn a ban (honest sparse gradients are clipped now and then)
     ban_far_off: bool = True  # a part far beyond every other member's is banned at once
 
     def __post_init__(self) -> None:
         if self.ban_rounds < 1 or self.clip_strikes < 1:
             raise ValueError(f"ban_rounds and clip_strikes must be at least 1, not {self.ban_rounds}, {self.clip_strikes}")
+
+
+def post_ban(board: Path, source: str, peer: str, reason: str, refuse: bool = True) -> None:
+    """Accuse `peer` from outside the averagers (`source`: what caught it, one word, e.g. "progress" for
+    an impossible progress record, "state" for a forged state). The accusation is published to
+    validators (`ban_records`) and holds while the process lives. With `refuse` every averager of this
+    process also refuses the peer: only for what every honest peer sees alike (a record in the DHT);
+    a forgery only this peer was served is reported, not refused, or this peer alone would refuse
+    groups the others form with it and break their rounds."""
+    if "-" in source or not source:
+        raise ValueError(f"a ban's source is one word without '-', not {source!r}")
+    try:
+        (board / f"{source}-{peer}{'' if refuse else REPORT}").write_text(reason[:200])
+    except OSError as exc:
+        logger.warning("could not post the ban of %s (%s): %s", peer, reason, exc)
 
 
 class AveragingGuard:
@@ -52,6 +70,7 @@ class AveragingGuard:
         self.rounds = 0
         self.banned_until: dict[str, int] = {}  # peer -> first round it is admitted again
         self.strikes: dict[str, int] = {}
+        self.offences: dict[str, int] = {}  # bans so far, by peer: each doubles the next one
         self._logged: set[tuple[str, str]] = set()
 
     def _posted(self, peer: str) -> Path:
@@ -67,7 +86,7 @@ class AveragingGuard:
         if until is not None:
             return f"banned for {until - self.rounds} more round(s)"
         if self.board is not None and any(self.board.glob(f"*-{peer}")):
-            return "banned by this peer's other averager"
+            return "banned by another part of this peer"
         return None
 
     def refuse(self, peer: str, where: str) -> Optional[str]:
@@ -90,6 +109,8 @@ class AveragingGuard:
                 self._ban(peer, "sent non-finite values")
             elif verdict == FAR_OFF and self.rule.ban_far_off:
                 self._ban(peer, "sent values far beyond every other member's")
+            elif verdict == CLIPPED and self.rule.clip_strikes >= NEVER:
+                logger.info("%s: %s's part was clipped (clipping alone never bans here)", self.name, peer)
             elif verdict == CLIPPED:
                 self.strikes[peer] = self.strikes.get(peer, 0) + 1
                 logger.warning("%s: %s's part was clipped (%d of %d strikes)", self.name, peer,
@@ -101,13 +122,15 @@ class AveragingGuard:
 
     def _ban(self, peer: str, why: str) -> None:
         self.strikes.pop(peer, None)
-        self.banned_until[peer] = self.rounds + self.rule.ban_rounds
+        self.offences[peer] = self.offences.get(peer, 0) + 1
+        rounds = self.rule.ban_rounds * 2 ** min(self.offences[peer] - 1, 10)  # a repeat offender waits longer
+        self.banned_until[peer] = self.rounds + rounds
         if self.board is not None:
-            try:
-                self._posted(peer).touch()
+            try:  # the reason, for `swarm.ban_records` to publish
+                self._posted(peer).write_text(why)
             except OSError as exc:  # the ban still holds here
                 logger.warning("%s: could not post the ban of %s for the other averagers: %s", self.name, peer, exc)
         self._logged = {(p, r) for p, r in self._logged if p != peer}
-        logger.warning("%s: banning %s for %d rounds: %s", self.name, peer, self.rule.ban_rounds, why)
+        logger.warning("%s: banning %s for %d rounds: %s", self.name, peer, rounds, why)
         if self.on_ban is not None:
             self.on_ban(peer, why)

@@ -109,7 +109,10 @@ class DiLoCoTrainer(Trainer):
             target_batch_size=settings.target_batch_size, matchmaking_time=settings.matchmaking_time,
             averaging_timeout=settings.averaging_timeout, compression=settings.compression,
             state_source=self._state_for_peers, timing=self.timing, progress_key=progress_key,
-            guard=settings.guard("pseudo-gradients"), robust_rule=settings.robust)
+            guard=settings.guard("pseudo-gradients"), robust_rule=settings.robust,
+            bindings=getattr(settings.admit, "bindings", None),  # bound peers' progress only (BoundPeers)
+            state_check=settings.state_digests, accuse=settings.accuse)
+        self._publish_digest()
 
     # -- progress -------------------------------------------------------------------------------
     @property
@@ -271,6 +274,13 @@ class DiLoCoTrainer(Trainer):
     def _start_epoch(self, epoch: int) -> None:
         self._epoch_samples = self._epoch_steps = 0
         self.averaging.start_epoch(epoch)
+        self._publish_digest()
+
+    def _publish_digest(self) -> None:
+        """Sign the digest of the θ_global this peer now serves, so loaders can check it (`swarm.state_digests`)."""
+        if self.settings.state_digests is not None:
+            with self._state_lock:
+                self.settings.state_digests.publish(self._epoch, self._global_params)
 
     def bytes_per_epoch(self, group_size: int) -> int:
         """Approximate bytes this peer sends in one all-reduce of Δ with `group_size` peers (0 alone)."""

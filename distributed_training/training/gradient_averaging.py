@@ -75,6 +75,8 @@ class GradientAveragingTrainer(Trainer):
             timing=self.timing,
             guards=settings.guard,
             robust_rule=settings.robust,
+            bindings=getattr(settings.admit, "bindings", None),  # bound peers' progress only (BoundPeers)
+            state_check=settings.state_digests, accuse=settings.accuse,
         )
 
     @torch.no_grad()

@@ -50,6 +50,10 @@ class TrainerSettings:
     robust: RobustRule = RobustRule()
     bans: BanRule = BanRule()
     admit: Optional[PeerAdmission] = None  # who may average at all (`swarm.bindings.BoundPeers`); None: any peer
+    # signed digests of the served state, and the check of downloaded state (`swarm.state_digests`); None: none
+    state_digests: Optional[Any] = None
+    # hears (peer, reason) for a peer caught lying outside the all-reduce (the ban board; `guard.post_ban`)
+    accuse: Optional[Callable[[str, str], None]] = None
 
     def guard(self, name: str) -> AveragingGuard:
         """The guard of one of this peer's averagers ("gradients", "state", "pseudo-gradients").
@@ -57,13 +61,13 @@ class TrainerSettings:
         Parameters are averaged to pull together peers that drifted apart, so an honest peer's can be
         far from the others' and clipped; there only non-finite values earn a ban."""
         rule = replace(self.bans, clip_strikes=NEVER, ban_far_off=False) if name == "state" else self.bans
-        return AveragingGuard(name, rule, admit=self.admit, board=_ban_board())
+        return AveragingGuard(name, rule, admit=self.admit, board=ban_board())
 
 
 _BOARD: Optional[Path] = None
 
 
-def _ban_board() -> Path:
+def ban_board() -> Path:
     """One directory per process where its averagers' guards post their bans to each other."""
     global _BOARD
     if _BOARD is None or not _BOARD.is_dir():

@@ -66,8 +66,11 @@ def matching_epoch(reported: Sequence[float], recomputed_by_epoch: Mapping[int, 
 
 def judge(*, claimed_epoch: int, swarm_epoch: int, sampled_reported: Sequence[float],
           recomputed_by_epoch: Mapping[int, Sequence[float]], contributed: bool,
-          tolerance: Tolerance, latest_epoch: Optional[int] = None) -> Verdict:
+          tolerance: Tolerance, latest_epoch: Optional[int] = None, banned: Optional[str] = None) -> Verdict:
     """Score a miner that answered with a well-formed, signed response in time.
+
+    `banned` is why the swarm refuses the miner's peer (a quorum of bound peers caught what it sent
+    into the all-reduce, `swarm.ban_records`): answering validators well does not undo that.
 
     `swarm_epoch` is the swarm's epoch when the miner was asked; `latest_epoch` (default: the
     same) is the newest the validator knows of, which a miner may legitimately have reached by
@@ -90,4 +93,6 @@ def judge(*, claimed_epoch: int, swarm_epoch: int, sampled_reported: Sequence[fl
         return Verdict(SCORE_UNACCEPTABLE, f"stale: its losses match epoch {epoch}, swarm at {swarm_epoch}")
     if not contributed:
         return Verdict(SCORE_UNACCEPTABLE, "no samples contributed to the swarm recently")
+    if banned:
+        return Verdict(SCORE_UNACCEPTABLE, banned)
     return Verdict(SCORE_ACCEPTABLE, f"verified at epoch {epoch}")

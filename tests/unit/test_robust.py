@@ -108,6 +108,14 @@ def test_guard_bans_non_finite_at_once_and_clipped_after_strikes_then_lets_them_
     guard.record({"scaler": CLIPPED}, members)
     assert guard.refuse("scaler", "group") is None
 
+    # a repeat offender's second ban lasts twice as long (6 rounds)
+    guard.record({"poisoner": NON_FINITE}, members)
+    for _ in range(5):
+        guard.record({}, ["honest"])
+        assert guard.refuse("poisoner", "group") is not None
+    guard.record({}, ["honest"])
+    assert guard.refuse("poisoner", "group") is None
+
 
 def test_guard_asks_admission_after_bans() -> None:
     guard = AveragingGuard("test", admit=lambda peer: None if peer.startswith("bound") else "no binding")
@@ -166,7 +174,7 @@ def test_a_ban_by_one_averager_holds_in_the_others_of_the_peer(tmp_path) -> None
     gradients = AveragingGuard("gradients", BanRule(ban_rounds=2), board=tmp_path)
     state = AveragingGuard("state", BanRule(ban_rounds=2), board=tmp_path)
     gradients.record({"poisoner": NON_FINITE}, ["poisoner"])
-    assert "other averager" in state.refuse("poisoner", "group")
+    assert "another part of this peer" in state.refuse("poisoner", "group")
     gradients.record({}, [])
     gradients.record({}, [])
     assert gradients.refuse("poisoner", "group") is None  # its ban ran out and its post is taken down

@@ -40,6 +40,12 @@ def test_within_tolerance_is_acceptable_and_just_outside_is_not() -> None:
     assert "loss mismatch" in verdict.reason
 
 
+def test_a_miner_the_swarm_bans_is_unacceptable_however_well_it_answers() -> None:
+    verdict = _judge(banned="banned by 2 bound peers (gradients: sent non-finite values)")
+    assert verdict.score == SCORE_UNACCEPTABLE and "banned by 2 bound peers" in verdict.reason
+    assert _judge(banned=None).score == SCORE_ACCEPTABLE
+
+
 def test_reported_loss_off_by_more_than_tolerance() -> None:
     verdict = _judge(sampled_reported=[loss * 0.7 for loss in LOSSES])  # a liar's 30 % discount
     assert verdict.score == 0.3 and "loss mismatch" in verdict.reason

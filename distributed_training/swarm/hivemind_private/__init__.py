@@ -8,10 +8,14 @@ This project extends hivemind 1.1.12 where its public API has no hook:
   member of a group decodes the very same bits, each part is the robust mean of `robust.py` rather
   than a plain weighted sum, and an all-reduce in which any part failed is an error rather than a
   silent partial average (overrides the runner's and reducer's private methods);
+- `BoundProgressTracker`: progress records count only when bound, and the followed epoch is robust
+  to a lying record (overrides the tracker's record parsing; both training modes);
 - `GuardedAveraging`: the gate hivemind lacks at its averaging RPCs (joining a group, sending parts,
   downloading state), asking a `swarm.guard.AveragingGuard`, and the consensus all-reduce, for every
   averager of both training modes (`PseudoGradientAverager`, `GuardedGradientAverager`,
-  `GuardedStateAverager`).
+  `GuardedStateAverager`);
+- `CheckedStateDownload` (in `GuardedAveraging`): hivemind's state download, with each downloaded
+  state checked (`swarm.state_digests`) and the next peer asked when it is refused.
 
 Each depends on code that hivemind may change in any release, so importing this module checks the
 installed version first and refuses any other with one line (`HivemindVersionError`).
@@ -69,7 +73,8 @@ from .allreduce import ConsensusAllReduceRunner, RobustPartReducer  # noqa: E402
 from .gate import (GuardedAveraging, GuardedGradientAverager, GuardedStateAverager,  # noqa: E402
                    PseudoGradientAverager)
 from .optimizer import GroupRecordingOptimizer  # noqa: E402
+from .progress import BoundProgressTracker  # noqa: E402
 
 __all__ = ["SUPPORTED_HIVEMIND", "check_hivemind_version", "fix_8bit_decoding", "ConsensusAllReduceRunner",
            "RobustPartReducer", "GuardedAveraging", "GuardedGradientAverager", "GuardedStateAverager",
-           "PseudoGradientAverager", "GroupRecordingOptimizer"]
+           "PseudoGradientAverager", "GroupRecordingOptimizer", "BoundProgressTracker"]

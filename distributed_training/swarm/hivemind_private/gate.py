@@ -17,8 +17,10 @@ from hivemind.utils.timed_storage import get_dht_time
 from .. import base58 as _base58
 from ..robust import RobustRule
 
-logger = logging.getLogger(__name__)
 from .allreduce import ConsensusAllReduceRunner
+from .state_download import CheckedStateDownload
+
+logger = logging.getLogger(__name__)
 
 
 class _GatedStub:
@@ -42,20 +44,23 @@ class _GatedStub:
         return get_stub
 
 
-class GuardedAveraging:
+class GuardedAveraging(CheckedStateDownload):
     """Mixed into an averager: its RPCs refuse peers the guard refuses; its all-reduce is the consensus one.
 
     `guard` (a `swarm.guard.AveragingGuard`, set right after construction) decides who may join a
     group this peer leads, send it parts, download its state, or be in a group with it at all; it
     hears every verdict of this peer's reducer. None admits every peer (an averager alone in a test).
+    `state_check` (`swarm.state_digests.StateDigests`, or None) vets every state it downloads.
     """
 
     guard: Any = None
     robust_rule: RobustRule = RobustRule()
     get_stub = _GatedStub()
 
-    def __init__(self, *args: Any, guard: Any = None, robust_rule: Optional[RobustRule] = None, **kwargs: Any):
+    def __init__(self, *args: Any, guard: Any = None, robust_rule: Optional[RobustRule] = None,
+                 state_check: Any = None, **kwargs: Any):
         self.guard = guard  # before hivemind's constructor starts the averager's process, which inherits it
+        self.state_check = state_check
         if robust_rule is not None:
             self.robust_rule = robust_rule
         super().__init__(*args, **kwargs)
@@ -133,11 +138,20 @@ class GuardedAveraging:
 
 
 class GuardedGradientAverager(GuardedAveraging, GradientAverager):
-    """Swarm mode's gradient averager (`hivemind.Optimizer(grad_averager_factory=...)`)."""
+    """Swarm mode's gradient averager (`hivemind.Optimizer(grad_averager_factory=...)`).
+
+    hivemind's optimizer also downloads another peer's gradient buffers when it loads state: they
+    carry no epoch to check and nothing a joiner needs (it accumulates its own), so none is taken."""
+
+    def load_state_from_peers(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 class GuardedStateAverager(GuardedAveraging, TrainingStateAverager):
     """Swarm mode's state averager: the parameters peers average and serve to joiners."""
+
+    def served_parameters(self, metadata: Any, tensors):
+        return tensors[:len(self.main_parameters)]  # then extra tensors and optimizer statistics
 
 
 class PseudoGradientAverager(GuardedAveraging, DecentralizedAverager):

@@ -16,6 +16,7 @@ from ..robust import RobustRule
 
 logger = logging.getLogger(__name__)
 from .gate import GuardedGradientAverager, GuardedStateAverager
+from .progress import BoundProgressTracker
 
 
 # --- gradient averaging: hivemind.Optimizer -----------------------------------------------------------
@@ -34,17 +35,25 @@ class GroupRecordingOptimizer(hivemind.Optimizer):
     def last_group_size(self) -> Optional[int]:
         return None if self.last_group is None else len(self.last_group)
 
-    def __init__(self, *args: Any, timing: Any, guards: Callable[[str], Any], robust_rule: RobustRule, **kwargs: Any):
+    def __init__(self, *args: Any, timing: Any, guards: Callable[[str], Any], robust_rule: RobustRule,
+                 bindings: Any = None, state_check: Any = None, accuse: Any = None, **kwargs: Any):
         """`timing` is the trainer's `TimeSplit`: the blocking calls below count as communication in it.
-        `guards(name)` makes the `AveragingGuard` of each averager ("gradients", "state")."""
+        `guards(name)` makes the `AveragingGuard` of each averager ("gradients", "state"); `bindings`
+        (a `progress.BindingLookup`, or None: no bindings) is whose progress records count."""
         self.timing = timing  # before hivemind's constructor, which may already call the methods below
-        self._guards, self._robust_rule = guards, robust_rule
+        self._guards, self._robust_rule, self._bindings = guards, robust_rule, bindings
+        self._state_check, self._accuse = state_check, accuse  # see GuardedAveraging, BoundProgressTracker
         super().__init__(*args, grad_averager_factory=partial(GuardedGradientAverager, guard=guards("gradients"),
                                                               robust_rule=robust_rule), **kwargs)
 
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> BoundProgressTracker:
+        return BoundProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
+                                    client_mode=self.client_mode, status_loglevel=self.status_loglevel,
+                                    bindings=self._bindings, accuse=self._accuse, start=True, **kwargs)
+
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         return GuardedStateAverager(
-            guard=self._guards("state"), robust_rule=self._robust_rule,
+            guard=self._guards("state"), robust_rule=self._robust_rule, state_check=self._state_check,
             dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
             allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
             offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,

@@ -1,0 +1,174 @@
+"""Signed digests of the swarm's state, so that a peer loading state can check it against what bound peers hold.
+
+A binding says who a peer is, not that the state it serves is the swarm's: a registered, bound
+peer can serve a random model announced as a later epoch with the highest state-sharing priority,
+and every joiner and validator would load it. So after each epoch every peer publishes, under
+`<run_id>_state_digests` and signed with its record key, the digest of the parameters it now
+serves (those are bit-identical on every member of an averaging group: the consensus all-reduce
+gives all members the same bits; optimizer statistics are not digested). A downloaded state is
+accepted only if `verdict` accepts its (epoch, digest) against the records of live bindings:
+
+- a signer whose newest epoch is more than one ahead of every other bound signer's newest signs
+  the future (an honest peer signs only epochs it reached, and peers end epochs together): all its
+  digests are ignored, so a liar claiming "E+3" neither passes nor ties with honest signers;
+- the digest must be signed by the most remaining signers of that epoch, strictly (a tie is refused);
+- it needs 2 signers once 2 or more of them published a digest for that epoch, else 1.
+
+Weak spots (documented, not hidden): a lone liar who is the only publisher is believed; a liar one
+epoch ahead of everyone is believed until an honest peer publishes that epoch; with one honest and
+one lying publisher of the same epoch nothing loads (a tie), which stalls joiners rather than
+poisoning them; an honest peer that trained alone for two epochs while every other bound peer's
+newest digest is older is not believed until another peer publishes a nearer epoch. Without bindings (`--neuron.swarm_only`) there is nothing to check against and
+every state is accepted, as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from typing import Any, Callable, Optional, Sequence
+
+import pydantic.v1 as pydantic
+import torch
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.utils.timed_storage import get_dht_time
+
+from .bindings import Admission, PeerBinding, live_bindings
+from .progress import followed_epoch, read_peer_progress
+
+logger = logging.getLogger(__name__)
+
+KEPT_EPOCHS = 8  # digests of this many recent epochs per signer
+DIGEST_TTL = 600.0  # seconds a digest record lives unless republished
+DigestTable = dict[str, dict[int, str]]  # record key (hex) -> {epoch: digest}
+
+
+def state_digest(tensors: Sequence[torch.Tensor]) -> str:
+    """sha256 over each tensor's dtype, shape and contiguous CPU bytes (the order matters)."""
+    hasher = hashlib.sha256()
+    for tensor in tensors:
+        value = tensor.detach().to("cpu").contiguous()
+        hasher.update(f"{value.dtype}|{tuple(value.shape)}|".encode())
+        hasher.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return hasher.hexdigest()
+
+
+class _DigestEntry(pydantic.BaseModel):
+    epoch: pydantic.conint(ge=0, strict=True)
+    digest: pydantic.constr(strict=True, regex=r"^[0-9a-f]{64}$")
+
+
+class _DigestRecord(pydantic.BaseModel):
+    entries: pydantic.conlist(_DigestEntry, max_items=KEPT_EPOCHS)
+
+
+class _DigestsSchema(pydantic.BaseModel):
+    state_digests: dict[BytesWithPublicKey, Optional[_DigestRecord]]
+
+
+def verdict(epoch: int, digest: str, table: DigestTable) -> Optional[str]:
+    """None if `table` (the bound signers' digests) backs `digest` at `epoch`, else why not (see the module doc)."""
+    if not table:
+        return None  # no bound peer published anything: nothing to check against
+    newest = {key: max(digests) for key, digests in table.items() if digests}
+    table = {key: digests for key, digests in table.items()
+             if not any(other != key for other in newest)
+             or newest.get(key, -1) <= max(e for other, e in newest.items() if other != key) + 1}
+    votes = Counter(digests[epoch] for digests in table.values() if epoch in digests)
+    signers, publishers = votes.get(digest, 0), sum(votes.values())
+    if signers == 0:
+        return f"no bound peer signed this state at epoch {epoch} ({publishers} signed another)"
+    rival = max((count for other, count in votes.items() if other != digest), default=0)
+    if signers <= rival:
+        return f"{signers} bound peer(s) signed this state at epoch {epoch}, {rival} signed another"
+    needed = 2 if publishers >= 2 else 1
+    if signers < needed:
+        return f"{signers} of the {needed} bound signers needed at epoch {epoch}"
+    return None
+
+
+class StateDigests:
+    """This peer's signed digest records, and the check of downloaded state against everyone's.
+
+    `admit` is the hotkey admission of the bindings (`BoundPeers.admit`): only records whose signing
+    key is the record key of a live binding count. It runs in the averager's process too (the check
+    is inherited across hivemind's fork), reading the DHT there as the guard does.
+    """
+
+    def __init__(self, dht: Any, run_id: str, admit: Admission, check_digests: bool = True,
+                 accuse: Optional[Callable[[str, str], None]] = None):
+        """`check_digests`: whether served parameters are bit-identical across a group, so that a digest
+        can vouch for them (DiLoCo's θ_global; in swarm mode peers that stepped alone drift apart, and only
+        the epoch is checked). `accuse(peer, reason)` hears each peer caught serving a refused state (the
+        ban board: the peer is then banned here and named to validators)."""
+        self.dht, self.run_id, self.admit, self.key = dht, run_id, admit, f"{run_id}_state_digests"
+        self.check_digests, self.accuse = check_digests, accuse
+        # the process-wide key (as MinerRecords): the DHT merges signature validators, and the binding names it
+        self._signer = RSASignatureValidator()
+        dht.add_validators([SchemaValidator(_DigestsSchema, prefix=run_id), self._signer])
+        self._mine: dict[int, str] = {}
+        self._refused: set[str] = set()
+
+    def publish(self, epoch: int, tensors: Sequence[torch.Tensor]) -> str:
+        """Sign and store the digest of the parameters this peer serves at `epoch`; returns the digest."""
+        digest = state_digest(tensors)
+        self._mine[epoch] = digest
+        for old in sorted(self._mine)[:-KEPT_EPOCHS]:
+            del self._mine[old]
+        entries = [dict(epoch=e, digest=d) for e, d in sorted(self._mine.items())]
+        if not self.dht.store(self.key, subkey=self._signer.local_public_key, value=dict(entries=entries),
+                              expiration_time=get_dht_time() + DIGEST_TTL):
+            logger.warning("the state digest of epoch %d could not be stored in the DHT", epoch)
+        return digest
+
+    def table(self, bound: Optional[dict[str, PeerBinding]] = None) -> DigestTable:
+        """The digests of signers that are the record key of a live binding: record key (hex) -> {epoch: digest}."""
+        bound = live_bindings(self.dht, self.run_id, self.admit) if bound is None else bound
+        keys = {binding.record_key for binding in bound.values()}
+        found = self.dht.get(self.key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        table: DigestTable = {}
+        for subkey, entry in found.value.items():
+            if not isinstance(subkey, bytes) or subkey.hex() not in keys:
+                continue
+            try:
+                record = _DigestRecord.parse_obj(entry.value)
+            except (pydantic.ValidationError, TypeError, AttributeError):
+                continue
+            table[subkey.hex()] = {item.epoch: item.digest for item in record.entries}
+        return table
+
+    def __call__(self, peer: str, epoch: Any, parameters: Sequence[torch.Tensor]) -> Optional[str]:
+        """The state check of `GuardedAveraging`: None to load this peer's state, else the reason not to."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            return f"its state names no epoch ({epoch!r})"
+        bound = live_bindings(self.dht, self.run_id, self.admit)
+        reason = self.epoch_reason(peer, epoch, bound)
+        if reason is None and self.check_digests:
+            reason = verdict(epoch, state_digest(parameters), self.table(bound))
+        if reason is not None and peer not in self._refused:
+            self._refused.add(peer)
+            logger.warning("refusing state from %s: %s", peer, reason)
+            if self.accuse is not None:
+                self.accuse(peer, f"served a state it could not back: {reason}")
+        return reason
+
+    def epoch_reason(self, peer: str, epoch: int, bound: dict[str, PeerBinding]) -> Optional[str]:
+        """Why a state of `epoch` served by `peer` is from the future, if it is: more than one epoch past what
+        this peer and the other bound training peers robustly reached (`progress.followed_epoch`). The
+        server's own record counts: a hijacker that trains reports its true epoch there, and one that
+        inflates it too is outvoted like any inflater (unless it is the only other peer)."""
+        me = self.dht.peer_id.to_base58()
+        progress = read_peer_progress(self.dht, self.run_id, lambda _ids: bound)
+        others = [p.epoch for pid, p in progress.items() if pid != me and not p.client_mode]
+        own = progress[me].epoch if me in progress else 0  # this peer's own record, read here in the averager
+        reached = followed_epoch(own, others)
+        if epoch > reached + 1:
+            return f"its state claims epoch {epoch}, the other bound peers are at {reached}"
+        return None
+
+
+StateCheck = Callable[[str, Any, Sequence[torch.Tensor]], Optional[str]]

@@ -1,0 +1,45 @@
+"""The swarm itself attacked: an intruder, a hijacker and an inflater beside two honest miners, both modes.
+
+The intruder (no registration) never joins a group and gets no state; the hijacker's forged state
+(epoch + 3, priority 1e9) is refused by the late joiner, who loads an honest one; the inflater's
+record (epoch 10^6) moves no honest epoch and gets it banned.
+See `localnet/drills_closed.py`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from distributed_training.localnet.drills_closed import run_closed_swarm_drill
+
+EPOCHS = {"swarm": 7, "diloco": 10}  # DiLoCo's epochs are short: the late joiner needs some left after it loads
+
+
+@pytest.mark.parametrize("mode", ["swarm", "diloco"])
+def test_strangers_forgers_and_inflaters_change_nothing_honest(tmp_path, mode):
+    MAX_EPOCHS = EPOCHS[mode]
+    drill = run_closed_swarm_drill(tmp_path, mode, max_epochs=MAX_EPOCHS)
+    ids, honest_logs = drill.peers, "\n".join(drill.logs[name] for name in ("m0", "m1"))
+    for index, (name, last) in enumerate((("m0", MAX_EPOCHS), ("m1", MAX_EPOCHS - 1))):
+        epochs = [e["epoch"] for e in drill.epochs(index)]
+        # one by one to the end: no jump towards the inflater's epoch, no step back
+        assert epochs and epochs == list(range(epochs[0], last + 1)), (name, epochs)
+        assert all(ids["intruder"] not in (e["group"] or ()) for e in drill.epochs(index)), name
+        assert not re.search(rf"Finished downloading state in \S+ from {ids['hijacker']}", drill.logs[name]), name
+    assert drill.epochs(0)[0]["epoch"] == 1
+
+    # the intruder: refused with the reason, never averaged, never received state
+    assert f"refusing {ids['intruder']}" in honest_logs and "no valid binding" in honest_logs
+    intruder_epochs = drill.epochs_of(tmp_path / "intruder")
+    assert all((e["group_size"] or 1) == 1 for e in intruder_epochs), intruder_epochs
+    assert "Finished downloading state" not in drill.logs["intruder"]
+    # the hijacker: the late joiner refused its state, and loaded another peer's
+    late = drill.logs["m1"]
+    assert f"refusing state from {ids['hijacker']}" in late, late[-3000:]
+    assert re.search(r"Finished downloading state in \S+ from (?!%s)" % ids["hijacker"], late), late[-3000:]
+    # the inflater: named a liar by its record, and banned
+    assert re.search(rf"{ids['inflater']} published (epoch 1000000|\d+ samples in one epoch).*banning it", honest_logs)
+    # what the late joiner trained on was the swarm's model, not the random forgery (loss ~10.8 at init, far more for randn)
+    assert drill.epochs(1)[-1]["loss"] < drill.epochs(0)[0]["loss"], (drill.epochs(0)[0], drill.epochs(1)[-1])
