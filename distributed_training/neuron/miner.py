@@ -100,7 +100,8 @@ class Miner:
                            params=parts.num_params, epoch=parts.trainer.local_epoch, spec=parts.spec.digest)
         if self.config.neuron.wait_for_peers:
             logger.info("waiting for %d miners of run %s", self.config.neuron.wait_for_peers, self.config.neuron.run_id)
-            parts.records.wait_for(self.config.neuron.wait_for_peers, timeout=self.config.dht.bootstrap_timeout)
+            parts.records.wait_for(self.config.neuron.wait_for_peers, timeout=self.config.dht.bootstrap_timeout,
+                                   bindings=getattr(parts.trainer.settings.admit, "bindings", None))
 
     def _shutdown(self) -> None:
         self.stop_event.set()

@@ -17,7 +17,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import hivemind
 import pydantic.v1 as pydantic
@@ -201,25 +201,31 @@ class MinerRecords:
         return bool(self.dht.store(self.key, subkey=self._signer.local_public_key, value=record.dict(),
                                    expiration_time=get_dht_time() + ttl))
 
-    def fetch(self) -> dict[str, MinerRecord]:
-        """Live records by peer id (expired and malformed ones are dropped)."""
+    def fetch(self, bindings: Optional[Callable[[Sequence[str]], Mapping[str, Any]]] = None) -> dict[str, MinerRecord]:
+        """Live records by peer id (expired and malformed ones are dropped). Given `bindings` (a
+        `progress.BindingLookup`), only records a live binding names, signed by the key it names."""
         found = self.dht.get(self.key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return {}
-        records: dict[str, MinerRecord] = {}
-        for entry in found.value.values():
+        records: dict[str, tuple[Any, MinerRecord]] = {}
+        for subkey, entry in found.value.items():
             try:
                 record = MinerRecord.parse_obj(entry.value)
             except (pydantic.ValidationError, TypeError, AttributeError):
                 continue
-            records[record.peer_id] = record
-        return records
+            records[record.peer_id] = (subkey, record)
+        if bindings is not None:
+            bound = bindings(list(records))
+            records = {peer: (subkey, record) for peer, (subkey, record) in records.items()
+                       if peer in bound and subkey.hex() == bound[peer].record_key}
+        return {peer: record for peer, (_, record) in records.items()}
 
-    def wait_for(self, count: int, timeout: float) -> dict[str, MinerRecord]:
-        """Block until at least `count` miners are present; raise TimeoutError otherwise."""
+    def wait_for(self, count: int, timeout: float,
+                 bindings: Optional[Callable[[Sequence[str]], Mapping[str, Any]]] = None) -> dict[str, MinerRecord]:
+        """Block until at least `count` (bound, given `bindings`) miners are present; raise TimeoutError otherwise."""
         deadline = time.monotonic() + timeout
         while True:
-            records = self.fetch()
+            records = self.fetch(bindings)
             if len(records) >= count:
                 return records
             if time.monotonic() > deadline:

@@ -73,9 +73,9 @@ def test_three_miners_average_together_and_end_equal(tmp_path):
     for state_dir in dirs:
         epochs = _epochs(state_dir)
         assert [e["epoch"] for e in epochs] == [1, 2, 3, 4], epochs
-        # at least three global epochs were an all-reduce of all three miners (the first may
-        # start before the slowest miner's first gradients are ready)
-        assert sum(e["group_size"] == 3 for e in epochs) >= 3, epochs
+        # at least two global epochs were an all-reduce of all three miners (the first may start before
+        # the slowest miner's first gradients are ready, and a miner that then lags one epoch loads state)
+        assert sum(e["group_size"] == 3 for e in epochs) >= 2, epochs
     # Every member of the run's last all-reduce ends on the same parameters. A miner that reached its last
     # epoch after the others had averaged it and exited (a race at the end of a run on a loaded 2-core
     # machine) steps alone: nobody is left to agree with, so it is left out, as in the DiLoCo test.

@@ -60,6 +60,14 @@ def test_published_record_is_visible_from_the_other_node(dhts) -> None:
     assert reader.fetch() == {"victim": updated}  # one subkey per peer: the newer record replaces it
     assert MinerRecords(first, _run_id()).fetch() == {}  # other runs do not see it
 
+    # with bindings, a record counts only if a live binding names its peer id and the key that signed it
+    from types import SimpleNamespace
+
+    key = writer._signer.local_public_key.hex()
+    assert reader.fetch(bindings=lambda ids: {}) == {}
+    assert reader.fetch(bindings=lambda ids: {"victim": SimpleNamespace(record_key="00" + key)}) == {}
+    assert reader.fetch(bindings=lambda ids: {"victim": SimpleNamespace(record_key=key)}) == {"victim": updated}
+
 
 def test_wait_for_times_out_naming_the_count(dhts) -> None:
     first, _ = dhts

@@ -145,6 +145,16 @@ def test_a_part_from_few_samples_is_clipped_without_a_strike() -> None:
     assert (average - torch.tensor([1.0, 1.0])).norm() <= 1.0  # still clipped all the same
 
 
+def test_of_three_senders_a_moderate_outlier_is_clipped_but_not_struck_a_far_one_is_banned() -> None:
+    honest = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])]
+    moderate, far = torch.tensor([9.0, 9.0]), torch.tensor([900.0, 900.0])
+    average, verdicts = robust_average([*honest, moderate], [4.0, 4.0, 4.0], RULE)
+    assert verdicts == [None, None, None]  # three honest gradients are often this far apart
+    assert (average - torch.tensor([1.0, 1.0])).norm() <= 2.0  # and it is still clipped
+    _, verdicts = robust_average([*honest, far], [4.0, 4.0, 4.0], RULE)
+    assert verdicts[2] == FAR_OFF
+
+
 def test_parameter_averaging_bans_for_non_finite_values_only() -> None:
     from distributed_training.swarm.guard import NEVER
     from distributed_training.training.trainer import TrainerSettings
