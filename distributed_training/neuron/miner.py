@@ -101,7 +101,7 @@ class Miner:
         if self.config.neuron.wait_for_peers:
             logger.info("waiting for %d miners of run %s", self.config.neuron.wait_for_peers, self.config.neuron.run_id)
             parts.records.wait_for(self.config.neuron.wait_for_peers, timeout=self.config.dht.bootstrap_timeout,
-                                   bindings=getattr(parts.trainer.settings.admit, "bindings", None))
+                                   bindings=parts.trainer.settings.bindings)
 
     def _shutdown(self) -> None:
         self.stop_event.set()

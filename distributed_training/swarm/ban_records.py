@@ -112,7 +112,7 @@ def accusations_in(records: Mapping[bytes, object], bound: Mapping[str, PeerBind
 
 def believed_ban(accusations: Mapping[str, Mapping[str, str]], peer: str, quorum: int = QUORUM) -> Optional[str]:
     """Why `peer` is banned, if `quorum` distinct bound peers other than it say so; else None."""
-    accusers = {a: r for a, r in accusations.get(peer, {}).items() if a != peer}
+    accusers = accusations.get(peer, {})  # `accusations_in` leaves out a peer's word against itself
     if len(accusers) < quorum:
         return None
     reasons = sorted(set(accusers.values()))

@@ -54,6 +54,10 @@ class PeerBinding:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def signs(self, subkey: Any) -> bool:
+        """Whether a DHT record stored under `subkey` was signed by the key this binding names."""
+        return isinstance(subkey, bytes) and _is_hex(self.record_key) and subkey == bytes.fromhex(self.record_key)
+
     def check(self, *, run_id: str, admit: Admission, now: Optional[float] = None) -> Optional[str]:
         """None if this binding holds for `run_id` now, else why not (cheapest checks first)."""
         from bittensor.wallets import verify_message
@@ -143,7 +147,7 @@ def live_bindings(dht: hivemind.DHT, run_id: str, admit: Admission, now: Optiona
             binding = PeerBinding(**_BindingRecord.parse_obj(entry.value).dict())
         except (pydantic.ValidationError, TypeError, AttributeError):
             continue
-        if not _is_hex(binding.record_key) or subkey != bytes.fromhex(binding.record_key):
+        if not binding.signs(subkey):
             continue  # a record may only speak for the key that signed it
         if binding.check(run_id=run_id, admit=admit, now=now) is not None:
             continue

@@ -217,7 +217,7 @@ class MinerRecords:
         if bindings is not None:
             bound = bindings(list(records))
             records = {peer: (subkey, record) for peer, (subkey, record) in records.items()
-                       if peer in bound and subkey.hex() == bound[peer].record_key}
+                       if peer in bound and bound[peer].signs(subkey)}
         return {peer: record for peer, (_, record) in records.items()}
 
     def wait_for(self, count: int, timeout: float,

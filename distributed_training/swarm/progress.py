@@ -106,7 +106,7 @@ def bound_progress(metadata: Mapping[Any, Any], bindings: Optional[BindingLookup
         return {record.peer_id: record for _, record in records}
     bound = bindings([record.peer_id for _, record in records])
     return {record.peer_id: record for subkey, record in records
-            if record.peer_id in bound and _signed_by(subkey, bound[record.peer_id])}
+            if record.peer_id in bound and bound[record.peer_id].signs(subkey)}
 
 
 def publish_progress(dht: hivemind.DHT, run_id: str, progress: PeerProgress, lifetime: float = 60.0) -> bool:
@@ -119,13 +119,6 @@ def publish_progress(dht: hivemind.DHT, run_id: str, progress: PeerProgress, lif
                  time=progress.time, client_mode=progress.client_mode)
     return bool(dht.store(f"{run_id}_progress", subkey=RSASignatureValidator().local_public_key, value=value,
                           expiration_time=get_dht_time() + lifetime))
-
-
-def _signed_by(subkey: Any, binding: PeerBinding) -> bool:
-    try:
-        return subkey == bytes.fromhex(binding.record_key)
-    except ValueError:
-        return False
 
 
 def followed_epoch(own_epoch: int, others: Sequence[int], last_followed: Optional[int] = None) -> int:

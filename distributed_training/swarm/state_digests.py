@@ -170,5 +170,3 @@ class StateDigests:
             return f"its state claims epoch {epoch}, the other bound peers are at {reached}"
         return None
 
-
-StateCheck = Callable[[str, Any, Sequence[torch.Tensor]], Optional[str]]

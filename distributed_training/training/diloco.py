@@ -110,7 +110,7 @@ class DiLoCoTrainer(Trainer):
             averaging_timeout=settings.averaging_timeout, compression=settings.compression,
             state_source=self._state_for_peers, timing=self.timing, progress_key=progress_key,
             guard=settings.guard("pseudo-gradients"), robust_rule=settings.robust,
-            bindings=getattr(settings.admit, "bindings", None),  # bound peers' progress only (BoundPeers)
+            bindings=settings.bindings,  # bound peers' progress only
             state_check=settings.state_digests, accuse=settings.accuse)
         self._publish_digest()
 

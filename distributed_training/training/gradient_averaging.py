@@ -75,7 +75,7 @@ class GradientAveragingTrainer(Trainer):
             timing=self.timing,
             guards=settings.guard,
             robust_rule=settings.robust,
-            bindings=getattr(settings.admit, "bindings", None),  # bound peers' progress only (BoundPeers)
+            bindings=settings.bindings,  # bound peers' progress only
             state_check=settings.state_digests, accuse=settings.accuse,
         )
 

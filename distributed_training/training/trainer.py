@@ -55,6 +55,11 @@ class TrainerSettings:
     # hears (peer, reason) for a peer caught lying outside the all-reduce (the ban board; `guard.post_ban`)
     accuse: Optional[Callable[[str, str], None]] = None
 
+    @property
+    def bindings(self) -> Optional[Callable]:
+        """Whose records count (a `swarm.progress.BindingLookup`: `BoundPeers.bindings`); None: nobody binds."""
+        return getattr(self.admit, "bindings", None)
+
     def guard(self, name: str) -> AveragingGuard:
         """The guard of one of this peer's averagers ("gradients", "state", "pseudo-gradients").
 

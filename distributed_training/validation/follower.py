@@ -51,8 +51,7 @@ class SwarmFollower:
     # -- contribution evidence --------------------------------------------------------------------
     def poll_progress(self) -> dict[str, PeerProgress]:
         """Read every (bound) peer's signed progress record and remember the most samples seen per epoch."""
-        bindings = getattr(self.trainer.settings.admit, "bindings", None)  # None: nobody binds, all count
-        progress = read_peer_progress(self.trainer.dht, self.trainer.settings.run_id, bindings)
+        progress = read_peer_progress(self.trainer.dht, self.trainer.settings.run_id, self.trainer.settings.bindings)
         for peer, record in progress.items():
             seen = self._contributions[peer]
             seen[record.epoch] = max(seen.get(record.epoch, 0), record.samples_accumulated)

@@ -61,12 +61,16 @@ def test_published_record_is_visible_from_the_other_node(dhts) -> None:
     assert MinerRecords(first, _run_id()).fetch() == {}  # other runs do not see it
 
     # with bindings, a record counts only if a live binding names its peer id and the key that signed it
-    from types import SimpleNamespace
+    from distributed_training.swarm.bindings import PeerBinding
+
+    def bound(key: str) -> dict:
+        return {"victim": PeerBinding(run_id=run_id, hotkey="hk", peer_id="victim", record_key=key, issued=0.0,
+                                      expires=1.0)}
 
     key = writer._signer.local_public_key.hex()
     assert reader.fetch(bindings=lambda ids: {}) == {}
-    assert reader.fetch(bindings=lambda ids: {"victim": SimpleNamespace(record_key="00" + key)}) == {}
-    assert reader.fetch(bindings=lambda ids: {"victim": SimpleNamespace(record_key=key)}) == {"victim": updated}
+    assert reader.fetch(bindings=lambda ids: bound("00" + key)) == {}
+    assert reader.fetch(bindings=lambda ids: bound(key)) == {"victim": updated}
 
 
 def test_wait_for_times_out_naming_the_count(dhts) -> None:

@@ -111,7 +111,7 @@ def test_an_inflated_record_changes_neither_the_epoch_peers_follow_nor_a_verdict
         trainer = SimpleNamespace(model=torch.nn.Linear(2, 2), dht=tracker.dht, local_epoch=3,
                                   global_epoch=tracker.global_epoch,
                                   settings=SimpleNamespace(run_id=f"r-{uuid.uuid4().hex[:6]}",
-                                                           admit=SimpleNamespace(bindings=lambda seen: BOUND)))
+                                                           bindings=lambda seen: BOUND))
         follower = SwarmFollower(trainer)
         seen = follower.poll_progress()
         assert STRANGER not in seen
