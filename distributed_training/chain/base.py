@@ -1,8 +1,8 @@
 """Backend-neutral view of the chain.
 
 Miners and validators only need a handful of chain facts (who is registered,
-where they serve, who may set weights) and two writes (publish an endpoint,
-set weights). Keeping that surface in one small ABC lets the same neuron code
+where they serve, who may set weights, what each hotkey committed) and three
+writes (publish an endpoint, set weights, commit a short text). Keeping that surface in one small ABC lets the same neuron code
 run against the embedded SQLite chain (tests, local clusters) and against a
 real subtensor without knowing which one it talks to.
 """
@@ -17,6 +17,8 @@ from typing import Optional, Protocol, Sequence
 
 # Chain-side limits: netuids and uids are u16 on subtensor.
 MAX_U16 = 65535
+# The longest plain field subtensor's Commitments pallet stores (`Data::Raw128`).
+MAX_COMMITMENT_BYTES = 128
 
 
 class ChainError(RuntimeError):
@@ -142,6 +144,14 @@ class Chain(ABC):
         """``{setter_uid: {dest_uid: fraction}}``, each row summing to 1."""
 
     @abstractmethod
+    def commit(self, wallet: WalletLike, netuid: int, data: str) -> None:
+        """Replace this hotkey's commitment on ``netuid`` with ``data`` (the hotkey must be registered)."""
+
+    @abstractmethod
+    def commitments(self, netuid: int) -> dict[str, str]:
+        """``{hotkey ss58: committed text}`` of every hotkey with a readable commitment on ``netuid``."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release connections. Safe to call twice."""
 
@@ -178,6 +188,21 @@ def check_endpoint(ip: str, port: int) -> None:
         )
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= MAX_U16:
         raise ChainError(f"port must be an integer in 1..{MAX_U16}, got {port!r}")
+
+
+def check_commitment(data: str) -> bytes:
+    """``data`` as the utf-8 bytes a commitment stores, or ChainError saying what to shorten."""
+    if not isinstance(data, str):
+        raise ChainError(f"a commitment is text, got {type(data).__name__}; pass a str")
+    raw = data.encode("utf-8")
+    if not raw:
+        raise ChainError("a commitment cannot be empty; pass the text to commit")
+    if len(raw) > MAX_COMMITMENT_BYTES:
+        raise ChainError(
+            f"a commitment holds at most {MAX_COMMITMENT_BYTES} bytes of utf-8, got {len(raw)}; "
+            "commit a shorter text (e.g. a hash of the long one)"
+        )
+    return raw
 
 
 def normalize_weights(

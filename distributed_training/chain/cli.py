@@ -1,7 +1,8 @@
 """``dt-chain``: administer the embedded chain and create wallets.
 
 The embedded chain has no btcli, so this is its btcli: create subnets,
-register hotkeys (with stake / validator permit), inspect the metagraph.
+register hotkeys (with stake / validator permit), inspect the metagraph and
+the hotkeys' commitments (the peer each neuron binds, `swarm/bindings.py`).
 ``wallet create`` makes password-less wallets for local clusters.
 
 Every failure is one line on stderr and exit status 2, so scripts can
@@ -93,6 +94,9 @@ def _build_parser() -> _Parser:
     graph = commands.add_parser("metagraph", help="print a subnet's neurons")
     _add_netuid(graph)
 
+    committed = commands.add_parser("commitments", help="print each hotkey's commitment on a subnet")
+    _add_netuid(committed)
+
     wallet = commands.add_parser("wallet", help="wallet management")
     wallet_commands = wallet.add_subparsers(dest="wallet_command", metavar="COMMAND", required=True)
     wallet_create = wallet_commands.add_parser("create", help="create a password-less wallet (idempotent)")
@@ -158,6 +162,15 @@ def _cmd_metagraph(args: argparse.Namespace) -> None:
         print(format_metagraph(chain.metagraph(args.netuid), f"embedded chain {chain.db_path}"))
 
 
+def _cmd_commitments(args: argparse.Namespace) -> None:
+    with _open(args, must_exist=True) as chain:
+        graph, found = chain.metagraph(args.netuid), chain.commitments(args.netuid)
+        print(f"embedded chain {chain.db_path}  netuid {args.netuid}  commitments {len(found)}")
+        for hotkey, text in found.items():
+            neuron = graph.by_hotkey(hotkey)
+            print(f"{neuron.uid if neuron else '-':>4}  {hotkey}  {text}")
+
+
 def _cmd_wallet(args: argparse.Namespace) -> None:
     wallet = create_wallet(args.wallet_name, args.wallet_hotkey, args.wallet_path)
     print(
@@ -171,6 +184,7 @@ _COMMANDS = {
     "register": _cmd_register,
     "set-stake": _cmd_set_stake,
     "metagraph": _cmd_metagraph,
+    "commitments": _cmd_commitments,
     "wallet": _cmd_wallet,
 }
 

@@ -1,11 +1,9 @@
 """The embedded chain: one SQLite file shared by every process of a local cluster.
 
 A real subtensor is unreachable in tests and overkill for a laptop cluster,
-yet miners and validators must still agree on uids, endpoints and weights
-across OS processes. SQLite gives that for free: WAL mode lets readers run
-beside a writer, ``busy_timeout`` makes concurrent writers queue instead of
-failing, and ``BEGIN IMMEDIATE`` takes the write lock *before* reading, so a
-read-modify-write (e.g. "next free uid") can never race another process.
+yet miners and validators must still agree on uids, endpoints, weights and
+commitments across OS processes. ``sqlite.py`` keeps the file safe to share;
+this module holds the chain's rules (who may write what, and what reads see).
 
 Blocks are derived from wall time (``floor((now - genesis) / block_time)``)
 rather than produced by a node, so every process sees the same block number
@@ -16,11 +14,10 @@ from __future__ import annotations
 
 import math
 import sqlite3
-import threading
 import time
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Optional, Union
 
 from ..config import EMBEDDED_NETWORK
 from .base import (
@@ -29,45 +26,15 @@ from .base import (
     Metagraph,
     NeuronInfo,
     WalletLike,
+    check_commitment,
     check_endpoint,
     check_netuid,
     normalize_weights,
 )
+from .sqlite import DEFAULT_BUSY_TIMEOUT_S, ChainFile
 
 # Subtensor's default tempo, so local runs mirror mainnet epoch pacing.
 DEFAULT_TEMPO = 360
-DEFAULT_BUSY_TIMEOUT_S = 30.0
-
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS meta(
-        key TEXT PRIMARY KEY,
-        value TEXT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS subnets(
-        netuid INTEGER PRIMARY KEY,
-        genesis_time REAL NOT NULL,
-        block_time REAL NOT NULL,
-        tempo INTEGER NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS neurons(
-        netuid INTEGER NOT NULL REFERENCES subnets(netuid),
-        uid INTEGER NOT NULL,
-        hotkey TEXT NOT NULL,
-        coldkey TEXT NOT NULL,
-        stake REAL NOT NULL DEFAULT 0,
-        validator_permit INTEGER NOT NULL DEFAULT 0,
-        ip TEXT NOT NULL DEFAULT '',
-        port INTEGER NOT NULL DEFAULT 0,
-        registered_block INTEGER NOT NULL,
-        PRIMARY KEY (netuid, uid),
-        UNIQUE (netuid, hotkey))""",
-    """CREATE TABLE IF NOT EXISTS weights(
-        netuid INTEGER NOT NULL,
-        setter_uid INTEGER NOT NULL,
-        dest_uid INTEGER NOT NULL,
-        weight REAL NOT NULL,
-        version_key INTEGER NOT NULL,
-        block INTEGER NOT NULL,
-        PRIMARY KEY (netuid, setter_uid, dest_uid))""",
-)
 
 
 def _register_hint(db_path: Path, netuid: int) -> str:
@@ -103,20 +70,15 @@ class LocalChain(Chain):
             raise ChainError(f"block_time must be a positive number of seconds, got {block_time!r}")
         self.db_path = Path(db_path).expanduser()
         self._clock = clock
-        self._busy_timeout_s = busy_timeout_s
-        # One connection per instance; the lock serializes threads sharing it.
-        self._lock = threading.RLock()
-        self._conn: Optional[sqlite3.Connection] = None
+        self._file: Optional[ChainFile] = None
         if not create and not self.db_path.is_file():
             raise ChainError(
                 f"no embedded chain at {self.db_path}; check --chain.db, or create one with "
                 f"`dt-chain --chain.db {self.db_path} create-subnet --netuid N`"
             )
         try:
-            if create:
-                self.db_path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = self._connect(create)
-            self._init_schema(float(block_time))
+            self._file = ChainFile(self.db_path, create=create, busy_timeout_s=busy_timeout_s)
+            self.genesis_time, self.block_time = self._file.init(float(self._clock()), float(block_time))
         except ChainError:
             self.close()
             raise
@@ -126,92 +88,15 @@ class LocalChain(Chain):
                 f"cannot open embedded chain at {self.db_path}: {error}; pass a writable --chain.db path"
             ) from None
 
-    # --- connection plumbing --------------------------------------------------
-
-    def _connect(self, create: bool = True) -> sqlite3.Connection:
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, explicitly; mode=rw never creates the file.
-        target = str(self.db_path) if create else f"{self.db_path.resolve().as_uri()}?mode=rw"
-        conn = sqlite3.connect(
-            target,
-            timeout=self._busy_timeout_s,
-            isolation_level=None,
-            check_same_thread=False,
-            uri=not create,
-        )
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
-            self._enable_wal(conn)
-            # WAL + NORMAL survives process crashes (only an OS crash may lose the last commit).
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _enable_wal(self, conn: sqlite3.Connection) -> None:
-        """Switch to WAL; retried because the switch can report SQLITE_BUSY
-        without consulting the busy handler when many processes open a fresh file."""
-        deadline = time.monotonic() + self._busy_timeout_s
-        while True:
-            try:
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                break
-            except sqlite3.OperationalError as error:
-                if "locked" not in str(error) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        if str(mode).lower() != "wal":
-            raise ChainError(
-                f"embedded chain at {self.db_path} cannot use WAL mode (got {mode!r}); "
-                "put --chain.db on a local filesystem"
-            )
-
-    def _init_schema(self, block_time: float) -> None:
-        with self._write() as db:
-            for statement in _SCHEMA:
-                db.execute(statement)
-            # INSERT OR IGNORE: only the creating process sets genesis.
-            db.executemany(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)",
-                [("genesis_time", repr(float(self._clock()))), ("block_time", repr(block_time))],
-            )
-            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        self.genesis_time = float(meta["genesis_time"])
-        self.block_time = float(meta["block_time"])
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise ChainError(f"embedded chain at {self.db_path} is closed; open a new LocalChain")
-        return self._conn
-
-    @contextmanager
-    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            db = self._db()
-            try:
-                db.execute(begin)
-                yield db
-                db.execute("COMMIT")
-            except BaseException as error:
-                # Roll back on any failure, COMMIT included, so the lock is never left held.
-                if db.in_transaction:
-                    with suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
-                if isinstance(error, sqlite3.Error):
-                    raise ChainError(
-                        f"embedded chain at {self.db_path} failed: {error}; "
-                        "check the file is not corrupt or held by a stuck process"
-                    ) from None
-                raise
-
     def _write(self) -> AbstractContextManager[sqlite3.Connection]:
-        """A write transaction holding the file's write lock from its first statement."""
-        return self._transaction("BEGIN IMMEDIATE")
+        if self._file is None:
+            raise ChainError(f"embedded chain at {self.db_path} is closed; open a new LocalChain")
+        return self._file.write()
 
     def _read(self) -> AbstractContextManager[sqlite3.Connection]:
-        """A read transaction: every SELECT inside sees one consistent snapshot."""
-        return self._transaction("BEGIN")
+        if self._file is None:
+            raise ChainError(f"embedded chain at {self.db_path} is closed; open a new LocalChain")
+        return self._file.read()
 
     def _block_at(self, now: float) -> int:
         return max(0, math.floor((now - self.genesis_time) / self.block_time))
@@ -414,11 +299,31 @@ class LocalChain(Chain):
             out.setdefault(int(setter), {})[int(dest)] = float(weight)
         return out
 
+    def commit(self, wallet: WalletLike, netuid: int, data: str) -> None:
+        check_netuid(netuid)
+        check_commitment(data)
+        hotkey = wallet.hotkey.ss58_address
+        with self._write() as db:
+            self._require_subnet(db, netuid)
+            self._registered_uid(db, netuid, hotkey)  # the Commitments pallet refuses strangers too
+            db.execute(
+                "INSERT OR REPLACE INTO commitments(netuid, hotkey, data, block) VALUES (?, ?, ?, ?)",
+                (netuid, hotkey, data, self._block_at(self._clock())),
+            )
+
+    def commitments(self, netuid: int) -> dict[str, str]:
+        check_netuid(netuid)
+        with self._read() as db:
+            self._require_subnet(db, netuid)
+            rows = db.execute(
+                "SELECT hotkey, data FROM commitments WHERE netuid = ? ORDER BY hotkey", (netuid,)
+            ).fetchall()
+        return {str(hotkey): str(data) for hotkey, data in rows}
+
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
 
     def __repr__(self) -> str:
         return f"LocalChain(db_path={str(self.db_path)!r}, block_time={getattr(self, 'block_time', None)})"

@@ -2,8 +2,10 @@
 
 Thin on purpose: every method is one or two calls of the bittensor 11 SDK's
 blocking client (``bittensor.Subtensor``) — typed reads
-(``subnets.metagraph``, ``neurons.uid``, ``weights.weights``, ``block``) and
-intents run through ``execute`` (``ServeAxon``, ``SetWeights``) — plus error
+(``subnets.metagraph``, ``subnets.commitments``, ``neurons.uid``,
+``weights.weights``, ``block``), intents run through ``execute``
+(``ServeAxon``, ``SetWeights``) and one raw call through ``submit_call``
+(``Commitments.set_commitment``, which no intent wraps) — plus error
 translation, so neurons see one ``ChainError`` with a fix instead of a zoo of
 SDK/transport exceptions.
 
@@ -24,6 +26,7 @@ from .base import (
     Metagraph,
     NeuronInfo,
     WalletLike,
+    check_commitment,
     check_endpoint,
     check_netuid,
     normalize_weights,
@@ -96,6 +99,13 @@ def _split_axon(axon: Optional[str]) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _not_registered(hotkey: str, netuid: int) -> ChainError:
+    return ChainError(
+        f"hotkey {hotkey} is not registered on netuid {netuid}; register it with "
+        f"`btcli subnets register --netuid {netuid}` (or `dt-chain register ...` on the embedded chain)"
+    )
+
+
 class SubtensorChain(Chain):
     """``Chain`` over bittensor's ``Subtensor``; connects on first use, not construction."""
 
@@ -152,7 +162,7 @@ class SubtensorChain(Chain):
 
     def metagraph(self, netuid: int) -> Metagraph:
         check_netuid(netuid)
-        # commitments=False: we never read them, and they cost two extra map scans.
+        # commitments=False: `commitments()` reads them when wanted; here they would cost two map scans.
         graph = self._guard(
             f"reading the metagraph of netuid {netuid}",
             lambda: self._sub().subnets.metagraph(netuid, commitments=False),
@@ -190,10 +200,7 @@ class SubtensorChain(Chain):
         hotkey = wallet.hotkey.ss58_address
         current = self.metagraph(netuid).by_hotkey(hotkey)
         if current is None:
-            raise ChainError(
-                f"hotkey {hotkey} is not registered on netuid {netuid}; register it with "
-                f"`btcli subnets register --netuid {netuid}` (or `dt-chain register ...` on the embedded chain)"
-            )
+            raise _not_registered(hotkey, netuid)
         if (current.ip, current.port) == (ip, port):
             # The chain rate-limits serve_axon; a restart with the same address must not trip it.
             logger.info("endpoint %s:%s already published for uid %s", ip, port, current.uid)
@@ -222,6 +229,41 @@ class SubtensorChain(Chain):
             f"reading weights of netuid {netuid}", lambda: self._sub().weights.weights(netuid=netuid)
         )
         return {int(s): {int(d): float(w) for d, w in row.items()} for s, row in rows.items()}
+
+    def commit(self, wallet: WalletLike, netuid: int, data: str) -> None:
+        check_netuid(netuid)
+        raw = check_commitment(data)
+        hotkey = wallet.hotkey.ss58_address
+        if self.uid_for(netuid, hotkey) is None:
+            raise _not_registered(hotkey, netuid)
+        current = self._guard(
+            f"reading the commitment of {hotkey} on netuid {netuid}",
+            lambda: self._sub().identity.commitment(netuid=netuid, hotkey_ss58=hotkey),
+        )
+        if current is not None and current.data == data:
+            # The chain rate-limits commitments; a retry after a lost reply must not trip it.
+            logger.info("commitment of %s already on netuid %s", hotkey, netuid)
+            return
+        # `Data::Raw<N>` carries exactly N bytes: the shape `info.fields` decodes to on reads.
+        info = {"fields": [{f"Raw{len(raw)}": "0x" + raw.hex()}]}
+        call = _sdk().calls.Commitments.set_commitment(netuid=netuid, info=info)
+
+        def submit() -> Any:
+            # Hotkey-signed (commitments are keyed by hotkey); the coldkey pays the fee.
+            result = self._sub().submit_call(
+                call, wallet, signer="hotkey", wait_for_inclusion=True, wait_for_finalization=False
+            )
+            return result.raise_for_failure()
+
+        self._guard(f"committing on netuid {netuid}", submit)
+
+    def commitments(self, netuid: int) -> dict[str, str]:
+        check_netuid(netuid)
+        found = self._guard(
+            f"reading the commitments of netuid {netuid}", lambda: self._sub().subnets.commitments(netuid)
+        )
+        # `.value` is None while a timelocked payload is sealed: nothing readable is committed yet.
+        return {str(hotkey): c.value for hotkey, c in found.items() if c is not None and c.value is not None}
 
     def _execute(self, action: str, intent: Any, wallet: WalletLike, **kwargs: Any) -> None:
         """Sign and submit one intent; success means included in a block.

@@ -168,9 +168,11 @@ HIJACK_PRIORITY = 1e9  # and asks to be downloaded from first
 
 
 class HijackerMiner(Miner):
-    """A bound miner that serves a forged state: random θ_global as epoch + 3, first in every joiner's list."""
+    """A bound miner that serves a forged state: random parameters as epoch + `lead` (3; 0 forges the swarm's
+    own epoch, which only the state digests catch), first in every joiner's list."""
 
     kind = "hijacker"
+    lead = HIJACK_LEAD
 
     def train(self) -> None:
         self._install_forgery()
@@ -188,12 +190,12 @@ class HijackerMiner(Miner):
 
         def forged_state():
             metadata, _ = trainer._state_for_peers()
-            metadata["epoch"] = trainer.local_epoch + HIJACK_LEAD
+            metadata["epoch"] = trainer.local_epoch + self.lead
             return metadata, [tensor.clone() for tensor in forged]
 
         def sign_forgery() -> None:  # a lone liar: it signs only its forged state
             if trainer.settings.state_digests is not None:
-                trainer.settings.state_digests.publish(trainer.local_epoch + HIJACK_LEAD, forged[:count])
+                trainer.settings.state_digests.publish(trainer.local_epoch + self.lead, forged[:count])
 
         start_epoch = averaging.start_epoch
 
@@ -206,18 +208,18 @@ class HijackerMiner(Miner):
         trainer._publish_digest = sign_forgery
         averaging.averager.state_sharing_priority = HIJACK_PRIORITY
         sign_forgery()
-        self.metrics.write("hijack", epoch=trainer.local_epoch + HIJACK_LEAD, priority=HIJACK_PRIORITY)
+        self.metrics.write("hijack", epoch=trainer.local_epoch + self.lead, priority=HIJACK_PRIORITY)
 
-
-    def __init__(self, config: SimpleNamespace):
-        super().__init__(config)
+    def __init__(self, config: SimpleNamespace, lead: int = HIJACK_LEAD):
+        self.lead = lead
         if config.training.mode != "diloco":  # swarm mode: hivemind holds `get_current_state` from construction on
             from ..swarm.hivemind_private import optimizer as private_optimizer
 
-            private_optimizer.GuardedStateAverager = _forging_state_averager()
+            private_optimizer.GuardedStateAverager = _forging_state_averager(lead)
+        super().__init__(config)
 
     def _install_swarm_forgery(self, trainer) -> None:
-        """Swarm mode: the state averager (`_ForgingStateAverager`) serves random tensors as epoch + 3;
+        """Swarm mode: the state averager (`_forging_state_averager`) serves random tensors as epoch + lead;
         its priority stays 1e9 (hivemind resets it to the epoch at every epoch)."""
         state_averager = trainer.optimizer.state_averager
 
@@ -227,16 +229,16 @@ class HijackerMiner(Miner):
                 self.stop_event.wait(0.5)
 
         threading.Thread(target=first_in_line, name="hijacker", daemon=True).start()
-        self.metrics.write("hijack", epoch=trainer.local_epoch + HIJACK_LEAD, priority=HIJACK_PRIORITY)
+        self.metrics.write("hijack", epoch=trainer.local_epoch + self.lead, priority=HIJACK_PRIORITY)
 
 
-def _forging_state_averager():
+def _forging_state_averager(lead: int):
     from ..swarm.hivemind_private import GuardedStateAverager
 
     class ForgingStateAverager(GuardedStateAverager):
         def get_current_state(self):
             metadata, tensors, infos = super().get_current_state()
-            metadata["epoch"] = self.local_epoch + HIJACK_LEAD
+            metadata["epoch"] = self.local_epoch + lead
             generator = torch.Generator().manual_seed(1234)
             return metadata, [torch.randn(t.shape, generator=generator).to(t.dtype) for t in tensors], infos
 
@@ -275,13 +277,15 @@ CHEATS: dict[str, type[Miner]] = {cls.kind: cls for cls in (DeadMiner, LiarMiner
 
 
 def make_cheat(kind: str, config: SimpleNamespace, copy_uid: Optional[int] = None, poison_kind: str = "scale",
-               poison_from: int = 3) -> Miner:
+               poison_from: int = 3, hijack_lead: int = HIJACK_LEAD) -> Miner:
     if kind == "copycat":
         if copy_uid is None:
             raise ValueError("a copycat needs --cheat.copy_uid (the uid to copy)")
         return CopycatMiner(config, copy_uid)
     if kind == "poisoner":
         return PoisonerMiner(config, poison_kind, poison_from)
+    if kind == "hijacker":
+        return HijackerMiner(config, hijack_lead)
     return CHEATS[kind](config)
 
 
@@ -295,11 +299,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--cheat.poison", dest="poison", choices=POISONS, default="scale")
     parser.add_argument("--cheat.poison_from", dest="poison_from", type=int, default=3,
                         help="the first epoch whose contribution is poisoned")
+    parser.add_argument("--cheat.hijack_lead", dest="hijack_lead", type=int, default=HIJACK_LEAD,
+                        help="how many epochs past its own a hijacker's forged state claims (0: the swarm's own)")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.cheat == "copycat" and args.copy_uid is None:
         parser.error("--cheat copycat needs --cheat.copy_uid")
     return run_neuron("miner", lambda config: make_cheat(args.cheat, config, args.copy_uid, args.poison,
-                                                         args.poison_from), rest)
+                                                         args.poison_from, args.hijack_lead), rest)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def _wait_for_epoch(group: ProcessGroup, name: str, epoch: int, timeout: float) 
         time.sleep(0.2)  # polling a file another process writes
 
 
-def run_closed_swarm_drill(work: Path, mode: str, max_epochs: int = 7, timeout: float = 500) -> ClosedSwarmDrill:
+def run_closed_swarm_drill(work: Path, mode: str, max_epochs: int = 7, timeout: float = 500,
+                           hijack_lead: int = 3) -> ClosedSwarmDrill:
     from ..chain import LocalChain
     from ..chain.wallets import create_wallet
 
@@ -64,7 +65,8 @@ def run_closed_swarm_drill(work: Path, mode: str, max_epochs: int = 7, timeout: 
         group.start(first, "miner.py", [*bound, "--wallet.hotkey", first, "--neuron.wait_for_peers", "3"], work / first)
         for name in ("hijacker", "inflater"):
             group.start(name, "distributed_training.localnet.cheats",
-                        [*bound, "--wallet.hotkey", name, "--neuron.wait_for_peers", "3", "--cheat", name], work / name)
+                        [*bound, "--wallet.hotkey", name, "--neuron.wait_for_peers", "3", "--cheat", name,
+                         "--cheat.hijack_lead", str(hijack_lead)], work / name)
         group.start("intruder", "distributed_training.localnet.cheats",
                     [*common, "--neuron.uid", "7", "--cheat", "intruder"], work / "intruder")
         _wait_for_epoch(group, first, 1, timeout)

@@ -135,8 +135,9 @@ def build_neuron_parts(config: SimpleNamespace, metrics: Optional[MetricsLog] = 
                        identity: Optional["NeuronIdentity"] = None) -> NeuronParts:
     """Data, the run spec (checked against the run's other peers), the DHT, the model and the trainer.
 
-    With an `identity` (a wallet on the chain) the peer binds its DHT peer id to its hotkey and its
-    averagers admit only peers whose hotkeys are registered and bound (`swarm/bindings.py`); without
+    With an `identity` (a wallet on the chain) the peer binds its DHT peer id to its hotkey (in the DHT
+    and in its chain commitment) and its averagers admit only peers whose hotkeys are registered and
+    bound, by a binding their chain commitment names (`swarm/bindings.py`); without
     one (`--neuron.swarm_only`) it neither binds nor checks bindings."""
     from ..spec import RunSpec
     from ..swarm.dht import DHTSettings, MinerRecords, RunSpecRecords, start_dht, write_peer_file
@@ -172,7 +173,8 @@ def build_neuron_parts(config: SimpleNamespace, metrics: Optional[MetricsLog] = 
             from ..swarm.bindings import BoundPeers, PeerBinder
             from ..swarm.state_digests import StateDigests
 
-            binder = PeerBinder(dht, spec.run_id, identity.wallet.hotkey)
+            # The chain commitment names this process's peer: peers refuse the bindings of any other.
+            binder = PeerBinder(dht, spec.run_id, identity.wallet.hotkey, commit=identity.commit)
             binder.renew()
             ban_records = BanRecords(dht, spec.run_id)
             admission = ChainAdmission.from_config(config)
@@ -181,7 +183,7 @@ def build_neuron_parts(config: SimpleNamespace, metrics: Optional[MetricsLog] = 
             from ..swarm.guard import post_ban
             from ..training.trainer import ban_board
 
-            digests = StateDigests(dht, spec.run_id, admission, check_digests=config.training.mode == "diloco",
+            digests = StateDigests(dht, spec.run_id, admission,
                                    accuse=partial(post_ban, ban_board(), "state", refuse=False))
             settings = replace(settings, admit=BoundPeers(dht, spec.run_id, admission), state_digests=digests,
                                accuse=partial(post_ban, ban_board(), "progress"))
@@ -238,6 +240,11 @@ class NeuronIdentity:
         ip = self.config.axon.external_ip or self.config.dht.announce_ip or "127.0.0.1"
         self.chain.serve_endpoint(self.wallet, self.netuid, ip, port)
         logger.info("published endpoint %s:%d for uid %d on netuid %d", ip, port, self.uid, self.netuid)
+
+    def commit(self, text: str) -> None:
+        """Replace this hotkey's chain commitment (the peer binding's, `swarm.bindings.binding_commitment`)."""
+        self.chain.commit(self.wallet, self.netuid, text)
+        logger.info("committed %r for uid %d on netuid %d", text, self.uid, self.netuid)
 
     def authorize_validator(self, hotkey: str) -> Optional[str]:
         """None if `hotkey` may query this miner, else the reason (becomes a 403)."""

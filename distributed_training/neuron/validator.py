@@ -29,6 +29,7 @@ from ..validation.follower import SwarmFollower
 from ..validation.scoring import ScoreBook
 from ..swarm.ban_records import believed_ban, read_bans
 from ..swarm.bindings import live_bindings
+from ..swarm.verdict_reports import NewReports, read_reports
 from ..validation.verify import SCORE_UNACCEPTABLE, Tolerance, Verdict, judge, matching_epoch, no_response
 from .entry import close_in_order, install_stop_handlers
 from .setup import build_neuron_parts, open_identity
@@ -57,6 +58,8 @@ class Validator:
         self.follower: Optional[SwarmFollower] = None
         self.bound_by_hotkey: Optional[dict[str, str]] = None  # None: the swarm has no bindings
         self.accusations: dict[str, dict[str, str]] = {}
+        self.new_reports = NewReports()
+        self.reported: dict[str, int] = {}  # bound peer -> verdict reports about it read since its last row
 
     def run(self) -> int:
         install_stop_handlers(self.stop_event)
@@ -133,7 +136,7 @@ class Validator:
             verdicts[neuron.uid] = verdict
             entry = self.book.record(neuron.uid, neuron.hotkey, verdict.score, verdict.reason, verdict.responded)
             rows.append({"uid": neuron.uid, "hotkey": neuron.hotkey, "score": verdict.score, "reason": verdict.reason,
-                         "moving_average": entry.moving_average, **detail})
+                         "moving_average": entry.moving_average, **detail, **self._reports_row(neuron.hotkey)})
         verify_time = time.monotonic() - verify_started
         self.book.rounds += 1
         self._maybe_set_weights(block)
@@ -144,7 +147,8 @@ class Validator:
         return verdicts
 
     def _read_swarm_word(self) -> None:
-        """The live bindings (hotkey -> its one bound peer) and the bans bound peers publish."""
+        """The live bindings (hotkey -> its one bound peer), the bans bound peers publish, and their
+        reducers' new verdict reports (informational: a clip is no offence, see `swarm.verdict_reports`)."""
         self.bound_by_hotkey, self.accusations = None, {}
         admit = self.parts.trainer.settings.admit
         if admit is None:  # a swarm without bindings (`--neuron.swarm_only`): a miner's word is all there is
@@ -152,6 +156,15 @@ class Validator:
         bound = live_bindings(self.parts.dht, self.config.neuron.run_id, admit.admit)
         self.bound_by_hotkey = {binding.hotkey: peer for peer, binding in bound.items()}
         self.accusations = read_bans(self.parts.dht, self.config.neuron.run_id, bound)
+        new = self.new_reports.count(read_reports(self.parts.dht, self.config.neuron.run_id, bound))
+        self.reported = {peer: self.reported.get(peer, 0) + new.get(peer, 0) for peer in bound}
+
+    def _reports_row(self, hotkey: str) -> dict:
+        """The metrics row's count of clip/reject reports about the miner's bound peer since its last row
+        (none without bindings). It never enters the verdict: honest miners are clipped now and then."""
+        if self.bound_by_hotkey is None:
+            return {}
+        return {"clip_reports": self.reported.pop(self.bound_by_hotkey.get(hotkey, ""), 0)}
 
     def _verify(self, request: WorkRequest, result, asked_epoch: int, hotkey: str) -> tuple[Verdict, dict]:
         if result is None or not result.ok:
@@ -224,5 +237,7 @@ class Validator:
                  f"query {query_time:.1f}s | verify {verify_time:.2f}s",
                  f"{'uid':>4} {'score':>5} {'avg':>6}  reason"]
         for row in sorted(rows, key=lambda r: r["uid"]):
-            lines.append(f"{row['uid']:>4} {row['score']:>5.1f} {row['moving_average']:>6.3f}  {row['reason']}")
+            reports = f" ({row['clip_reports']} clip/reject reports, not scored)" if row.get("clip_reports") else ""
+            lines.append(f"{row['uid']:>4} {row['score']:>5.1f} {row['moving_average']:>6.3f}  "
+                         f"{row['reason']}{reports}")
         logger.info("\n".join(lines))

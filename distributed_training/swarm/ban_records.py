@@ -6,7 +6,8 @@ Each peer publishes, under `<run_id>_bans` and signed with the key its binding n
 its guards banned and why (`guard.AveragingGuard` posts them on the process's ban board). A record
 counts only when its signing key and its peer id are those of a live binding, and the validator
 acts on an accusation only when `QUORUM` distinct bound peers, none of them the accused, make it:
-one bound peer cannot frame another alone.
+one bound peer cannot frame another alone. The single verdicts behind them go out with each
+publication too, under a key of their own (`verdict_reports`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
-from .bindings import PeerBinding
+from .bindings import PeerBinding, spoken_by_bound
 from .guard import REPORT
+from .record_bounds import RecordBounds, bounded_entries, record_keys
+from .verdict_reports import VerdictsSchema, publish_verdicts
 
 logger = logging.getLogger(__name__)
 
@@ -72,15 +75,18 @@ class BanRecords:
         dht.MinerRecords); only several peers in one process, as in tests, need keys of their own."""
         self.dht, self.run_id, self.key = dht, run_id, f"{run_id}_bans"
         self._signer = RSASignatureValidator(private_key)
-        dht.add_validators([SchemaValidator(_BansSchema, prefix=run_id), self._signer])
+        dht.add_validators([SchemaValidator(_BansSchema, prefix=run_id),
+                            SchemaValidator(VerdictsSchema, prefix=run_id), self._signer, RecordBounds(run_id)])
 
     def publish(self, board: Path) -> dict[str, str]:
-        """Store what the board holds now (an empty list withdraws earlier bans); returns it."""
+        """Store what the board holds now (an empty list withdraws earlier bans), and its newest verdict
+        reports (`verdict_reports.publish_verdicts`); returns the bans."""
         bans = read_board(board)
         value = _BanRecord(peer_id=self.dht.peer_id.to_base58(), banned=bans).dict()
         if not self.dht.store(self.key, subkey=self._signer.local_public_key, value=value,
                               expiration_time=get_dht_time() + BAN_TTL):
             logger.warning("this peer's bans could not be stored in the DHT; retrying next epoch")
+        publish_verdicts(self.dht, self.run_id, self._signer.local_public_key, board, BAN_TTL)
         return bans
 
 
@@ -89,21 +95,14 @@ def read_bans(dht: hivemind.DHT, run_id: str, bound: Mapping[str, PeerBinding]) 
     found = dht.get(f"{run_id}_bans", latest=True)
     if found is None or not isinstance(found.value, dict):
         return {}
-    return accusations_in({subkey: getattr(entry, "value", None) for subkey, entry in found.value.items()}, bound)
+    entries = bounded_entries(found.value, prefer=record_keys(bound.values()), what=f"{run_id}_bans")
+    return accusations_in({subkey: getattr(entry, "value", None) for subkey, entry in entries.items()}, bound)
 
 
 def accusations_in(records: Mapping[bytes, object], bound: Mapping[str, PeerBinding]) -> dict[str, dict[str, str]]:
     """`read_bans` on records already read ({signing subkey: value})."""
-    by_key = {binding.record_key: peer for peer, binding in bound.items()}
     accusations: dict[str, dict[str, str]] = {}
-    for subkey, value in records.items():
-        try:
-            record = _BanRecord.parse_obj(value)
-        except (pydantic.ValidationError, TypeError, AttributeError):
-            continue
-        accuser = by_key.get(subkey.hex() if isinstance(subkey, bytes) else "")
-        if accuser is None or accuser != record.peer_id:
-            continue  # unbound, or speaking for another peer
+    for accuser, record in spoken_by_bound(records, bound, _BanRecord):
         for peer, reason in record.banned.items():
             if peer != accuser:
                 accusations.setdefault(peer, {})[accuser] = reason

@@ -4,9 +4,13 @@ hivemind knows peers by their libp2p peer id and DHT records by the RSA key that
 chain knows hotkeys. Nothing ties the two, so any stranger on the DHT can average, serve state and
 publish progress as an equal. A binding closes that gap: the neuron signs, with its bittensor
 hotkey, the statement (run id, hotkey, peer id, record key, issue and expiry time), and publishes
-it in the DHT under its record key. Anyone can check a binding against the metagraph: the hotkey is
-registered (as a miner, or as a validator with a permit), the signature is valid, it has not
-expired, and it is the newest binding of that hotkey (one live peer id per hotkey).
+it in the DHT under its record key; it also commits a short digest of its peer id and record key on
+chain (`binding_commitment`, once per process: chains rate-limit commitments). Anyone can check a
+binding against the metagraph: the hotkey is registered (as a miner, or as a validator with a
+permit), the signature is valid, it has not expired, and the hotkey's chain commitment names its
+peer id and record key, so an older process of the same hotkey, still unexpired in the DHT, no
+longer counts (one live peer id per hotkey, said by the chain). An admission without `vouches`
+(tests, tools) checks registration only; then the newest binding of a hotkey counts.
 
 This module makes and checks bindings; the gates that use them (matchmaking, the all-reduce, state
 download, progress records) sit where those happen.
@@ -14,10 +18,11 @@ download, progress records) sit where those happen.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import hivemind
 import pydantic.v1 as pydantic
@@ -26,14 +31,43 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
+from .record_bounds import RecordBounds
+
 logger = logging.getLogger(__name__)
 
 BINDING_VERSION = "dt-binding/1"
 MAX_TTL = 3600.0  # seconds a binding may claim to live: a stolen one expires soon
 CLOCK_SKEW = 30.0  # seconds a binding may be issued "in the future" (other machines' clocks)
 
-# Returns None if `hotkey` may take part in the run, else the reason it may not.
+COMMITMENT_VERSION = "dt-peer/1"
+
+# Returns None if `hotkey` may take part in the run, else the reason it may not. An admission that
+# also has `vouches(hotkey, commitment) -> Optional[str]` (`chain.admission.ChainAdmission`) is asked
+# that instead, with the binding's `binding_commitment`.
 Admission = Callable[[str], Optional[str]]
+
+
+def binding_commitment(peer_id: str, record_key_hex: str) -> str:
+    """The text a hotkey commits on chain for its peer: fixed while the process lives (renewed bindings
+    keep their peer id and record key), new when a restart brings a new peer id or record key."""
+    if not _is_hex(record_key_hex):
+        raise ValueError(f"record key {record_key_hex[:16]!r}... is not hex")
+    digest = hashlib.sha256(bytes.fromhex(record_key_hex)).hexdigest()[:32]
+    text = f"{COMMITMENT_VERSION} {peer_id} {digest}"
+    if len(text.encode()) > 128:  # a chain commitment's limit; real peer ids are ~52 characters
+        raise ValueError(f"peer id {peer_id[:16]!r}... is too long to commit")
+    return text
+
+
+def _vouch(admit: Admission, binding: "PeerBinding") -> Optional[str]:
+    vouches = getattr(admit, "vouches", None)
+    if vouches is None:
+        return admit(binding.hotkey)
+    try:
+        commitment = binding_commitment(binding.peer_id, binding.record_key)
+    except ValueError as exc:
+        return f"binding of {binding.hotkey} cannot match a chain commitment ({exc})"
+    return vouches(binding.hotkey, commitment)
 
 
 @dataclass(frozen=True)
@@ -69,9 +103,13 @@ class PeerBinding:
             return f"binding of {self.hotkey} expired {now - self.expires:.0f}s ago"
         if self.issued > now + CLOCK_SKEW or self.expires - self.issued > MAX_TTL or self.expires <= self.issued:
             return f"binding of {self.hotkey} has an impossible lifetime ({self.issued:.0f} to {self.expires:.0f})"
+        # the chain's word before the signature: a stranger's binding costs a cached lookup, not a verification
+        refused = _vouch(admit, self)
+        if refused is not None:
+            return refused
         if not verify_message(self.message(), self.signature, self.hotkey):
             return f"binding of {self.hotkey} is not signed by that hotkey"
-        return admit(self.hotkey)
+        return None
 
 
 def bind(hotkey: Any, run_id: str, peer_id: str, record_key: bytes, ttl: float = MAX_TTL,
@@ -117,7 +155,7 @@ class BindingRecords:
         """`private_key`: the key this peer signs its records with (default: the process-wide key)."""
         self.dht, self.run_id, self.key = dht, run_id, f"{run_id}_bindings"
         self._signer = RSASignatureValidator(private_key)
-        dht.add_validators([SchemaValidator(_BindingsSchema, prefix=run_id), self._signer])
+        dht.add_validators([SchemaValidator(_BindingsSchema, prefix=run_id), self._signer, RecordBounds(run_id)])
 
     @property
     def record_key(self) -> bytes:
@@ -155,6 +193,21 @@ def live_bindings(dht: hivemind.DHT, run_id: str, admit: Admission, now: Optiona
         if current is None or binding.issued > current.issued:
             newest[binding.hotkey] = binding
     return {binding.peer_id: binding for binding in newest.values()}
+
+
+def spoken_by_bound(records: Mapping[bytes, Any], bound: Mapping[str, PeerBinding], model: type
+                    ) -> Iterator[tuple[str, Any]]:
+    """(peer, record) for each of `records` ({signing subkey: value}) that parses as the pydantic `model`,
+    is signed by the record key of a live binding, and speaks (its `peer_id`) for that binding's peer."""
+    by_key = {binding.record_key: peer for peer, binding in bound.items()}
+    for subkey, value in records.items():
+        try:
+            record = model.parse_obj(value)
+        except (pydantic.ValidationError, TypeError, AttributeError):
+            continue
+        speaker = by_key.get(subkey.hex() if isinstance(subkey, bytes) else "")
+        if speaker is not None and speaker == record.peer_id:
+            yield speaker, record
 
 
 class BoundPeers:
@@ -202,15 +255,38 @@ def _is_hex(text: str) -> bool:
 
 
 class PeerBinder:
-    """This peer's binding: signed with its hotkey, published, and renewed before it lapses."""
+    """This peer's binding: committed on chain, signed with its hotkey, published, and renewed before it lapses.
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, hotkey: Any, ttl: float = MAX_TTL):
+    `commit` (`lambda text: chain.commit(wallet, netuid, text)`) is called at the first renew and
+    again only when the text changes; a failed commit is retried at the next renew. None: no chain
+    commitment (peers that check commitments then refuse this binding).
+    """
+
+    def __init__(self, dht: hivemind.DHT, run_id: str, hotkey: Any, ttl: float = MAX_TTL,
+                 commit: Optional[Callable[[str], None]] = None):
         self.records = BindingRecords(dht, run_id)
-        self.dht, self.run_id, self.hotkey, self.ttl = dht, run_id, hotkey, ttl
+        self.dht, self.run_id, self.hotkey, self.ttl, self.commit = dht, run_id, hotkey, ttl, commit
         self.current: Optional[PeerBinding] = None
+        self.committed: Optional[str] = None  # the text last committed on chain by this process
+
+    def _commit(self) -> None:
+        if self.commit is None:
+            return
+        text = binding_commitment(self.dht.peer_id.to_base58(), self.records.record_key.hex())
+        if text == self.committed:
+            return
+        try:
+            self.commit(text)
+        except Exception as exc:  # the chain is down or rate-limits: the DHT binding still goes out
+            logger.warning("could not commit the binding of %s on chain (%s); retrying next epoch",
+                           self.hotkey.ss58_address, exc)
+            return
+        self.committed = text
 
     def renew(self, force: bool = False) -> PeerBinding:
-        """Publish a new binding when the current one has lived half its time (or `force`)."""
+        """Commit the binding's text if it changed, then publish a new binding when the current one has
+        lived half its time (or `force`). The chain first: peers that read the new binding find it committed."""
+        self._commit()
         now = time.time()
         if force or self.current is None or now > self.current.issued + self.ttl / 2:
             binding = bind(self.hotkey, self.run_id, self.dht.peer_id.to_base58(), self.records.record_key,

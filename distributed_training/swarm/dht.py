@@ -6,7 +6,9 @@ address tried and the usual causes.
 
 Records are namespaced by run id and signed with the peer's RSA key (hivemind's
 `RSASignatureValidator`): the subkey carries the owner's public key, so no peer can overwrite
-another's record, and a schema rejects malformed values before they are stored.
+another's record, and a schema rejects malformed values before they are stored. Every DHT started
+here bounds the size and lifetime of what it stores (`record_bounds`), the tighter bounds of a run's
+keys once a record class of that run is built.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from ..files import atomic_write_bytes
 from ..spec import RunSpec, SpecMismatch
+from .record_bounds import RecordBounds, bounded_entries, record_keys
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ def start_dht(settings: DHTSettings, record_validators: Sequence = ()) -> hivemi
                 host_maddrs=_host_maddrs(settings),
                 announce_maddrs=_announce_maddrs(settings) or None,
                 client_mode=settings.client_mode,
-                record_validators=list(record_validators),
+                record_validators=[RecordBounds(), *record_validators],
                 start=True,
                 startup_timeout=min(30.0, max(5.0, deadline - time.monotonic())),
             )
@@ -195,7 +198,7 @@ class MinerRecords:
         # The process-wide key, as hivemind's own progress tracker uses: the DHT merges signature
         # validators, so a second key in one process would be dropped and its records left unsigned.
         self._signer = RSASignatureValidator()
-        dht.add_validators([SchemaValidator(_MinerRecordsSchema, prefix=run_id), self._signer])
+        dht.add_validators([SchemaValidator(_MinerRecordsSchema, prefix=run_id), self._signer, RecordBounds(run_id)])
 
     def publish(self, record: MinerRecord, ttl: float = RECORD_TTL) -> bool:
         return bool(self.dht.store(self.key, subkey=self._signer.local_public_key, value=record.dict(),
@@ -207,8 +210,9 @@ class MinerRecords:
         found = self.dht.get(self.key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return {}
+        prefer = record_keys(bindings(()).values()) if bindings is not None else None
         records: dict[str, tuple[Any, MinerRecord]] = {}
-        for subkey, entry in found.value.items():
+        for subkey, entry in bounded_entries(found.value, prefer=prefer, what=self.key).items():
             try:
                 record = MinerRecord.parse_obj(entry.value)
             except (pydantic.ValidationError, TypeError, AttributeError):
@@ -256,7 +260,7 @@ class RunSpecRecords:
         peers in one process, as in tests, need keys of their own."""
         self.dht, self.key = dht, f"{run_id}_spec"
         self._signer = RSASignatureValidator(private_key)
-        dht.add_validators([SchemaValidator(_RunSpecSchema, prefix=run_id), self._signer])
+        dht.add_validators([SchemaValidator(_RunSpecSchema, prefix=run_id), self._signer, RecordBounds(run_id)])
         self._spec: Optional[RunSpec] = None
 
     def fetch(self) -> dict[bytes, RunSpec]:
@@ -265,7 +269,7 @@ class RunSpecRecords:
         specs: dict[bytes, RunSpec] = {}
         if found is None or not isinstance(found.value, dict):
             return specs
-        for subkey, entry in found.value.items():
+        for subkey, entry in bounded_entries(found.value, what=self.key).items():
             if subkey == self._signer.local_public_key:
                 continue
             try:

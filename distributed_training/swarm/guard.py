@@ -12,7 +12,8 @@ A sender whose parts were not finite, or far beyond everyone else's (`robust.FAR
 at once; one clipped beyond the strike distance in `clip_strikes` consecutive rounds is banned too.
 A banned peer is refused for `ban_rounds` rounds, then admitted again (its strikes start over); each
 further ban of the same peer lasts twice as long as the one before. Bans are posted on the board
-with their reason, which `ban_records` publishes for validators. Refusals are logged once per peer and reason.
+with their reason, which `ban_records` publishes for validators, and so is each verdict of this peer's
+own reducer that the rule counts (`verdict_reports`). Refusals are logged once per peer and reason.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from .robust import CLIPPED, FAR_OFF, NON_FINITE
+from .verdict_reports import post_verdicts
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +102,13 @@ class AveragingGuard:
             logger.warning("%s: refusing %s at %s: %s", self.name, peer, where, reason)
         return reason
 
-    def record(self, verdicts: dict[str, str], members: Iterable[str]) -> None:
-        """One all-reduce round ended; `verdicts` are this peer's reducer's findings by sender."""
+    def record(self, verdicts: dict[str, str], members: Iterable[str], own: Optional[dict[str, str]] = None) -> None:
+        """One all-reduce round ended; `verdicts` are the round's findings by sender (those of every reducer,
+        adopted alike by every member), `own` those of this peer's reducer (default: `verdicts`), which
+        the board's verdict reports carry: a peer signs only what it saw."""
         self.rounds += 1
+        members = list(members)
+        self._report(verdicts if own is None else own, members)
         for peer in members:
             verdict = verdicts.get(peer)
             if verdict == NON_FINITE:
@@ -119,6 +125,19 @@ class AveragingGuard:
                     self._ban(peer, f"clipped in {self.strikes[peer]} consecutive rounds")
             else:
                 self.strikes.pop(peer, None)
+
+    def _report(self, own: dict[str, str], members: list[str]) -> None:
+        """Post this round's verdicts that the rule counts against a sender (the parameter averager's
+        distances say nothing: a peer that missed a round is far off honestly)."""
+        counted = {NON_FINITE: "sent non-finite values"}
+        if self.rule.ban_far_off:
+            counted[FAR_OFF] = "sent values far beyond every other member's"
+        if self.rule.clip_strikes < NEVER:
+            counted[CLIPPED] = f"clipped (a strike; {self.rule.clip_strikes} in a row ban)"
+        found = {peer: (own[peer], f"{self.name} round {self.rounds}: {counted[own[peer]]}")
+                 for peer in members if own.get(peer) in counted}
+        if found and self.board is not None:
+            post_verdicts(self.board, self.name, self.rounds, found)
 
     def _ban(self, peer: str, why: str) -> None:
         self.strikes.pop(peer, None)

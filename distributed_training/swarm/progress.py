@@ -25,6 +25,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
 from .bindings import PeerBinding
+from .record_bounds import RecordBounds, bounded_entries, record_keys
 
 SPREAD = 4.0  # a peer's claim counts up to this many times the median claim
 MAX_PEER_ID_BYTES = 128  # libp2p peer ids are ~40 bytes; longer ones are junk
@@ -68,7 +69,8 @@ def register_progress_validators(dht: hivemind.DHT, run_id: str) -> None:
     from hivemind.dht.schema import SchemaValidator
     from hivemind.optim.progress_tracker import TrainingProgressSchema
 
-    dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=run_id), RSASignatureValidator()])
+    dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=run_id), RSASignatureValidator(),
+                        RecordBounds(run_id)])
 
 
 def read_peer_progress(dht: hivemind.DHT, run_id: str, bindings: Optional[BindingLookup] = None
@@ -85,10 +87,12 @@ def bound_progress(metadata: Mapping[Any, Any], bindings: Optional[BindingLookup
     """The well-formed records of `metadata` ({signer subkey: entry}) by peer id.
 
     Given `bindings`, only records signed by the key a live binding names for the record's peer id;
-    without them (`--neuron.swarm_only`: nobody binds) every record counts."""
+    without them (`--neuron.swarm_only`: nobody binds) every record counts. At most `MAX_SIGNERS`
+    records are read, those of bound keys first (`record_bounds.bounded_entries`)."""
     records: list[tuple[Any, PeerProgress]] = []
     latest_expiry = get_dht_time() + MAX_LIFETIME
-    for subkey, entry in metadata.items():
+    prefer = record_keys(bindings(()).values()) if bindings is not None else None
+    for subkey, entry in bounded_entries(metadata, prefer=prefer, what="progress records").items():
         value = getattr(entry, "value", None)
         if not isinstance(value, dict) or getattr(entry, "expiration_time", 0.0) > latest_expiry:
             continue

@@ -4,22 +4,29 @@ A binding says who a peer is, not that the state it serves is the swarm's: a reg
 peer can serve a random model announced as a later epoch with the highest state-sharing priority,
 and every joiner and validator would load it. So after each epoch every peer publishes, under
 `<run_id>_state_digests` and signed with its record key, the digest of the parameters it now
-serves (those are bit-identical on every member of an averaging group: the consensus all-reduce
-gives all members the same bits; optimizer statistics are not digested). A downloaded state is
-accepted only if `verdict` accepts its (epoch, digest) against the records of live bindings:
+serves. Those are bit-identical on every member of an averaging group: the consensus all-reduce
+gives all members the same bits, DiLoCo's θ_global is their mean, and in swarm mode every member
+applies the same AdamW step to the same averaged gradient (a peer whose all-reduce failed skips the
+step and reloads, see `hivemind_private.optimizer`). Optimizer statistics are not digested.
 
+The swarm's state at an epoch (`winning`) is the digest signed by the most bound signers, ties
+broken by the smaller digest, after two filters:
 - a signer whose newest epoch is more than one ahead of every other bound signer's newest signs
   the future (an honest peer signs only epochs it reached, and peers end epochs together): all its
   digests are ignored, so a liar claiming "E+3" neither passes nor ties with honest signers;
-- the digest must be signed by the most remaining signers of that epoch, strictly (a tie is refused);
-- it needs 2 signers once 2 or more of them published a digest for that epoch, else 1.
+- once 2 or more signers published for an epoch, the winner needs 2 of them.
+A downloaded state is accepted only if its digest is that winner (`verdict`); a peer whose own
+digest lost (a fork: two groups that averaged apart, or a step taken alone) reloads the winner
+(`fork_reason`), so the swarm converges on one state.
+
+Every peer signs its state from the start (the seeded initial model at epoch 0), so a state nobody
+signed is refused, even when no bound peer has signed anything yet.
 
 Weak spots (documented, not hidden): a lone liar who is the only publisher is believed; a liar one
 epoch ahead of everyone is believed until an honest peer publishes that epoch; with one honest and
-one lying publisher of the same epoch nothing loads (a tie), which stalls joiners rather than
-poisoning them; an honest peer that trained alone for two epochs while every other bound peer's
-newest digest is older is not believed until another peer publishes a nearer epoch. Without bindings (`--neuron.swarm_only`) there is nothing to check against and
-every state is accepted, as before.
+one lying publisher of the same epoch nothing loads, which stalls joiners rather than poisoning
+them; two colluding bound hotkeys can outvote one honest peer. Without bindings
+(`--neuron.swarm_only`) there is nothing to check against and every state is accepted, as before.
 """
 
 from __future__ import annotations
@@ -37,11 +44,12 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from .bindings import Admission, PeerBinding, live_bindings
 from .progress import followed_epoch, read_peer_progress
+from .record_bounds import RecordBounds
 
 logger = logging.getLogger(__name__)
 
 KEPT_EPOCHS = 8  # digests of this many recent epochs per signer
-DIGEST_TTL = 600.0  # seconds a digest record lives unless republished
+DIGEST_TTL = 1800.0  # seconds a digest record lives unless republished (each epoch): longer than an epoch
 DigestTable = dict[str, dict[int, str]]  # record key (hex) -> {epoch: digest}
 
 
@@ -68,25 +76,47 @@ class _DigestsSchema(pydantic.BaseModel):
     state_digests: dict[BytesWithPublicKey, Optional[_DigestRecord]]
 
 
+def _credible(table: DigestTable) -> DigestTable:
+    """`table` without signers of the future: a newest epoch more than one past every other signer's newest."""
+    newest = {key: max(digests) for key, digests in table.items() if digests}
+    return {key: digests for key, digests in table.items()
+            if not any(other != key for other in newest)
+            or newest.get(key, -1) <= max(e for other, e in newest.items() if other != key) + 1}
+
+
+def winning(epoch: int, table: DigestTable) -> tuple[Optional[str], Counter]:
+    """The swarm's digest at `epoch` (most credible signers, ties to the smaller digest; None: nobody
+    signed that epoch) and the votes of every digest signed for it."""
+    votes = Counter(digests[epoch] for digests in _credible(table).values() if epoch in digests)
+    if not votes:
+        return None, votes
+    return min(votes, key=lambda digest: (-votes[digest], digest)), votes
+
+
 def verdict(epoch: int, digest: str, table: DigestTable) -> Optional[str]:
     """None if `table` (the bound signers' digests) backs `digest` at `epoch`, else why not (see the module doc)."""
-    if not table:
-        return None  # no bound peer published anything: nothing to check against
-    newest = {key: max(digests) for key, digests in table.items() if digests}
-    table = {key: digests for key, digests in table.items()
-             if not any(other != key for other in newest)
-             or newest.get(key, -1) <= max(e for other, e in newest.items() if other != key) + 1}
-    votes = Counter(digests[epoch] for digests in table.values() if epoch in digests)
+    if not table:  # every bound peer signs its state from the start: an empty table means none is there
+        return f"no bound peer has signed any state (epoch {epoch} was offered)"
+    best, votes = winning(epoch, table)
     signers, publishers = votes.get(digest, 0), sum(votes.values())
     if signers == 0:
         return f"no bound peer signed this state at epoch {epoch} ({publishers} signed another)"
     rival = max((count for other, count in votes.items() if other != digest), default=0)
-    if signers <= rival:
+    if best != digest:
         return f"{signers} bound peer(s) signed this state at epoch {epoch}, {rival} signed another"
     needed = 2 if publishers >= 2 else 1
     if signers < needed:
-        return f"{signers} of the {needed} bound signers needed at epoch {epoch}"
+        return f"{signers} of the {needed} bound signers needed at epoch {epoch} ({rival} signed another)"
     return None
+
+
+def fork_reason(epoch: int, own: str, table: DigestTable) -> Optional[str]:
+    """Why this peer's state at `epoch` (its digest `own`) is not the swarm's, when another digest won."""
+    best, votes = winning(epoch, table)
+    if best is None or best == own or votes[best] < 2:
+        return None  # nobody else signed, this peer's state won, or no state has a quorum to reload
+    return (f"at epoch {epoch} {votes[best]} bound peers signed another state than this peer's "
+            f"({votes.get(own, 0)} signed its own)")
 
 
 class StateDigests:
@@ -99,17 +129,19 @@ class StateDigests:
 
     def __init__(self, dht: Any, run_id: str, admit: Admission, check_digests: bool = True,
                  accuse: Optional[Callable[[str, str], None]] = None):
-        """`check_digests`: whether served parameters are bit-identical across a group, so that a digest
-        can vouch for them (DiLoCo's θ_global; in swarm mode peers that stepped alone drift apart, and only
-        the epoch is checked). `accuse(peer, reason)` hears each peer caught serving a refused state (the
-        ban board: the peer is then banned here and named to validators)."""
+        """`check_digests`: whether downloaded parameters are checked against the digests (else only their
+        epoch). `accuse(peer, reason)` hears each peer caught lying in the state it serves: a future epoch,
+        or parameters that contradict its own signed digest (the ban board: the peer is then banned here
+        and named to validators). A state that lost only to the others' digests is refused but not
+        reported: an honest peer whose all-reduce failed serves one until it reloads."""
         self.dht, self.run_id, self.admit, self.key = dht, run_id, admit, f"{run_id}_state_digests"
         self.check_digests, self.accuse = check_digests, accuse
         # the process-wide key (as MinerRecords): the DHT merges signature validators, and the binding names it
         self._signer = RSASignatureValidator()
-        dht.add_validators([SchemaValidator(_DigestsSchema, prefix=run_id), self._signer])
+        dht.add_validators([SchemaValidator(_DigestsSchema, prefix=run_id), self._signer, RecordBounds(run_id)])
         self._mine: dict[int, str] = {}
-        self._refused: set[str] = set()
+        self._refused: set[str] = set()  # peers whose refusal was logged (once each)
+        self._accused: set[str] = set()
 
     def publish(self, epoch: int, tensors: Sequence[torch.Tensor]) -> str:
         """Sign and store the digest of the parameters this peer serves at `epoch`; returns the digest."""
@@ -147,14 +179,26 @@ class StateDigests:
             return f"its state names no epoch ({epoch!r})"
         bound = live_bindings(self.dht, self.run_id, self.admit)
         reason = self.epoch_reason(peer, epoch, bound)
+        lied = reason is not None
         if reason is None and self.check_digests:
-            reason = verdict(epoch, state_digest(parameters), self.table(bound))
+            table, digest = self.table(bound), state_digest(parameters)
+            reason = verdict(epoch, digest, table)
+            server = bound.get(peer)
+            signed = table.get(server.record_key, {}).get(epoch) if server is not None else None
+            if reason is not None and signed is not None and signed != digest:
+                lied, reason = True, f"{reason}; it signed another digest for that epoch itself"
         if reason is not None and peer not in self._refused:
             self._refused.add(peer)
             logger.warning("refusing state from %s: %s", peer, reason)
-            if self.accuse is not None:
-                self.accuse(peer, f"served a state it could not back: {reason}")
+        if lied and self.accuse is not None and peer not in self._accused:
+            self._accused.add(peer)
+            self.accuse(peer, f"served a state it could not back: {reason}")
         return reason
+
+    def fork(self, epoch: int) -> Optional[str]:
+        """Why the state this peer signed at `epoch` is not the swarm's (`fork_reason`), or None."""
+        own = self._mine.get(epoch)
+        return None if own is None else fork_reason(epoch, own, self.table())
 
     def epoch_reason(self, peer: str, epoch: int, bound: dict[str, PeerBinding]) -> Optional[str]:
         """Why a state of `epoch` served by `peer` is from the future, if it is: more than one epoch past what

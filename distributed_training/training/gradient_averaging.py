@@ -14,9 +14,13 @@ Where the AdamW runs (`offload_optimizer`, this peer's choice): by default hivem
 of the parameters and steps it on the CPU, then copies the parameters back to the device, once per
 epoch. With `offload_optimizer=False` hivemind steps the model's own parameters where they are, with
 torch's fused AdamW on CUDA. Both apply the same update to the same averaged gradient (rounded in
-another order on another device), so peers of either kind stay in step; hivemind's initial zero-
-gradient step, which applies weight decay once, then lands on the model's weights before the first
-batch rather than on the host copy. Which is faster on a GPU is `bench/gpu_step.py`'s two swarm rows.
+another order on another device), so peers of either kind stay in step.
+
+hivemind creates the AdamW's state by running one real step on zero gradients: the weights are
+decayed once and the step count starts at 1, so every early update gets the bias correction of the
+step after it (the first about a quarter too small). `_undo_initial_step` restores the seeded
+weights and zeroes the step counts (the moments are still zero), so the swarm's first step is plain
+AdamW's first step. Which is faster on a GPU is `bench/gpu_step.py`'s two swarm rows.
 The host copy's gradients *are* hivemind's averager buffers; on the device, hivemind 1.1.12 copies
 them into `.grad` only after a successful all-reduce, so a lone peer would step on its last batch's
 gradient instead of the epoch's mean. `_epoch_gradient_into_model` copies them first in that case,
@@ -41,6 +45,9 @@ from .step import ForwardBackward, checked
 from .trainer import ClippedAdamW, StepReport, Trainer, TrainerSettings, cpu_state
 
 
+NEVER = 2**62  # hivemind averages state at epochs divisible by this
+
+
 class GradientAveragingTrainer(Trainer):
     """One peer's side of gradient averaging: local steps, global epochs, state loading."""
 
@@ -50,6 +57,7 @@ class GradientAveragingTrainer(Trainer):
         self.forward_backward = ForwardBackward(self.model, device, compile=settings.compile,
                                                 micro_batch_size=settings.micro_batch_size)
         fused = not settings.offload_optimizer and device.type == "cuda"
+        seeded = [param.detach().clone() for param in self.model.parameters()]
         self.optimizer = GroupRecordingOptimizer(
             dht=dht,
             run_id=settings.run_id,
@@ -69,6 +77,10 @@ class GradientAveragingTrainer(Trainer):
             grad_compression=codec(settings.compression),
             state_averaging_compression=codec(settings.compression),
             use_local_updates=False,
+            # no state averaging: members of a gradient all-reduce already hold the same bits (which the
+            # state digests vouch for), and a peer that falls out of step reloads the swarm's state instead
+            # of mixing its own into everyone's; it also saves a full state all-reduce every epoch
+            average_state_every=NEVER,
             # hivemind warns (and risks rare deadlocks) when a request may outlast matchmaking
             averager_opts={"request_timeout": max(0.5, min(3.0, settings.matchmaking_time / 2))},
             verbose=False,
@@ -78,6 +90,20 @@ class GradientAveragingTrainer(Trainer):
             bindings=settings.bindings,  # bound peers' progress only
             state_check=settings.state_digests, accuse=settings.accuse,
         )
+        self._undo_initial_step(seeded)
+        self.optimizer.publish_digest()
+
+    @torch.no_grad()
+    def _undo_initial_step(self, seeded: Sequence[torch.Tensor]) -> None:
+        for param, value in zip(self.model.parameters(), seeded):
+            param.copy_(value)
+        self.optimizer.copy_parameters_to_offloaded()
+        for state in self.optimizer.opt.state.values():
+            step = state.get("step")
+            if torch.is_tensor(step):
+                step.zero_()
+            elif step is not None:
+                state["step"] = 0
 
     @torch.no_grad()
     def _epoch_gradient_into_model(self) -> None:
@@ -153,6 +179,7 @@ class GradientAveragingTrainer(Trainer):
         self.optimizer.copy_parameters_to_offloaded()
         self.optimizer.load_state_dict(state["optimizer"])
         self.samples_trained = int(state.get("samples_trained", 0))
+        self.optimizer.publish_digest()
 
     def shutdown(self) -> None:
         self.optimizer.shutdown()

@@ -154,10 +154,10 @@ def test_late_joiner_syncs_and_killed_miner_does_not_stop_the_swarm(tmp_path):
     assert len(together) >= 2 and set(together) <= {peer_of.get(peer) for peer in last_group}, (last_group, together)
     # Equal bits need every epoch since the join to have been one all-reduce of everyone alive. An
     # epoch that split (e.g. the joiner paired with one peer while the others paired up), or that a
-    # peer reached by loading state (group_size None), gives the groups different AdamW steps; later
-    # all-reduces apply the same gradient to both, and hivemind's background state averaging narrows
-    # the gap without closing it in the epochs left. Then the models must still be close: trained
-    # together, not apart.
+    # peer reached by loading state (group_size None), gives the groups different AdamW steps until the
+    # camp whose signed state lost reloads the winner (`swarm.state_digests.fork_reason`), an epoch
+    # later; a split in the last epochs may not be healed before the end. Then the models must still
+    # be close: trained together, not apart.
     first = _epochs(tmp_path / "m3")[0]["epoch"]  # the joiner's first epoch: from here on four peers train
     rows = [e for name in together for e in _epochs(tmp_path / name) if e["epoch"] >= first]
     split = any(e["group_size"] != 4 for e in rows if e["epoch"] <= killed_at) or any(

@@ -147,3 +147,103 @@ def test_bound_peers_admit_a_published_binding_and_refuse_strangers(dht, wallets
     # the hotkey's registration lapses: its peer is refused from the next read on
     lapsed = BoundPeers(dht, run_id, admit_registered(_metagraph()), retry=0.0)
     assert "no valid binding" in lapsed(dht.peer_id.to_base58())
+
+
+# --- the chain commitment: which one peer a hotkey runs -------------------------------------------
+
+
+def _chain_with(tmp_path, *registered):
+    """A real embedded chain file with `registered` wallets on netuid 1, and an admission reading it afresh."""
+    from distributed_training.chain import LocalChain
+    from distributed_training.chain.admission import ChainAdmission
+
+    db = tmp_path / "chain.sqlite"
+    with LocalChain(db) as chain:
+        chain.create_subnet(1)
+        for wallet in registered:
+            chain.register(1, wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
+    return LocalChain(db), ChainAdmission("embedded", None, db, 1, ttl=0.0)
+
+
+def test_binding_commitment_is_short_stable_and_names_peer_and_record_key(dht) -> None:
+    from distributed_training.swarm.bindings import binding_commitment
+
+    peer, key = dht.peer_id.to_base58(), RSASignatureValidator(RSAPrivateKey()).local_public_key.hex()
+    text = binding_commitment(peer, key)
+    assert text == binding_commitment(peer, key) and text.startswith(f"dt-peer/1 {peer} ")
+    assert len(text.encode()) <= 128
+    assert binding_commitment(peer, KEY.hex()) != text  # a new record key after a restart
+    assert binding_commitment("12D3KooWother", key) != text  # a new peer id
+    with pytest.raises(ValueError):
+        binding_commitment(peer, "not hex")
+
+
+def test_a_binding_counts_only_while_its_hotkeys_chain_commitment_names_it(tmp_path, wallets) -> None:
+    from distributed_training.swarm.bindings import binding_commitment
+
+    chain, admission = _chain_with(tmp_path, wallets[0])
+    with chain:
+        binding = bind(wallets[0].hotkey, "run-a", "12D3KooWpeer", KEY, ttl=600, now=NOW)
+        assert "has no chain commitment" in binding.check(run_id="run-a", admit=admission, now=NOW + 1)
+        chain.commit(wallets[0], 1, binding_commitment("12D3KooWolder", KEY.hex()))
+        refused = binding.check(run_id="run-a", admit=admission, now=NOW + 1)  # validly signed, unexpired
+        assert "chain commitment names another peer" in refused
+        chain.commit(wallets[0], 1, binding_commitment(binding.peer_id, binding.record_key))
+        assert binding.check(run_id="run-a", admit=admission, now=NOW + 1) is None
+        # a plain admission callable checks registration only, as before
+        assert binding.check(run_id="run-a", admit=lambda hotkey: None, now=NOW + 1) is None
+
+
+def test_a_restarted_neuron_replaces_its_old_peer_at_once_whatever_the_timestamps(dht, tmp_path, wallets) -> None:
+    from distributed_training.swarm.bindings import BoundPeers, binding_commitment
+
+    run_id = f"bind-{uuid.uuid4().hex[:8]}"
+    chain, admission = _chain_with(tmp_path, wallets[0])
+    old = BindingRecords(dht, run_id)
+    other_key = RSAPrivateKey()  # the restarted process: another DHT node, another record key
+    other = start_dht(DHTSettings(port=0, host_ip="127.0.0.1", initial_peers=visible_maddrs(dht), timeout=60),
+                      record_validators=[RSASignatureValidator(other_key)])
+    try:
+        new = BindingRecords(other, run_id, private_key=other_key)
+        now = get_dht_time()
+        new_peer = other.peer_id.to_base58()
+        # the old process renewed its binding after the new one started: newer, valid and unexpired
+        assert new.publish(bind(wallets[0].hotkey, run_id, new_peer, new.record_key, ttl=600, now=now - 20))
+        assert old.publish(bind(wallets[0].hotkey, run_id, "12D3KooWold", old.record_key, ttl=600, now=now))
+        deadline = time.monotonic() + 10
+        while len(getattr(dht.get(old.key, latest=True), "value", None) or {}) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling the DHT until both records are readable
+        chain.commit(wallets[0], 1, binding_commitment("12D3KooWold", old.record_key.hex()))
+        assert set(old.live(admission)) == {"12D3KooWold"}
+        chain.commit(wallets[0], 1, binding_commitment(new_peer, new.record_key.hex()))  # the restart commits
+        assert set(old.live(admission)) == {new_peer}  # no wait: the chain says which one peer it is
+        peers = BoundPeers(dht, run_id, admission, retry=0.0)
+        assert peers(new_peer) is None and "no valid binding" in peers("12D3KooWold")
+    finally:
+        other.shutdown()
+        chain.close()
+
+
+def test_peer_binder_commits_once_per_text_and_survives_a_failing_commit(dht, wallets, caplog) -> None:
+    from distributed_training.chain import ChainError
+    from distributed_training.swarm.bindings import PeerBinder, binding_commitment
+
+    commits, failures = [], [ChainError("cannot reach subtensor")]
+
+    def commit(text: str) -> None:
+        if failures:
+            raise failures.pop()
+        commits.append(text)
+
+    binder = PeerBinder(dht, f"bind-{uuid.uuid4().hex[:8]}", wallets[0].hotkey, ttl=600, commit=commit)
+    with caplog.at_level("WARNING"):
+        first = binder.renew()  # the commit fails: logged, the DHT binding still goes out
+    assert first is binder.current and commits == [] and "could not commit" in caplog.text
+    binder.renew()
+    binder.renew(force=True)
+    binder.renew()
+    expected = binding_commitment(dht.peer_id.to_base58(), binder.records.record_key.hex())
+    assert commits == [expected]  # retried once, then never again while nothing changed
+    binder.dht = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "12D3KooWrestarted"))
+    binder.renew()
+    assert commits == [expected, binding_commitment("12D3KooWrestarted", binder.records.record_key.hex())]

@@ -12,7 +12,6 @@ import uuid
 
 import pytest
 import torch
-from hivemind.optim.state_averager import initialize_optimizer_state_
 
 from distributed_training.training.diloco import DiLoCoTrainer
 from distributed_training.training.gradient_averaging import GradientAveragingTrainer
@@ -126,19 +125,19 @@ def _swarm(dht, target_batch_size: int, **overrides) -> GradientAveragingTrainer
 def test_swarm_step_with_one_sync_skips_bad_batches_and_takes_the_shared_step(dht, offload) -> None:
     """One peer's epoch of two finite batches (a NaN batch between them is skipped before the swarm sees it).
 
-    The reference is ClippedAdamW on the mean gradient after hivemind's initial zero-gradient step. With
-    the host copy (offload) that step decays the copy, not the weights the gradients are computed at; on
-    the device it decays the model's own weights before the first batch.
+    The reference is plain ClippedAdamW's first step on the mean gradient: hivemind's initial
+    zero-gradient step (weights decayed once, step count 1) is undone at construction, on the host
+    copy (offload) as on the device.
     """
     trainer = _swarm(dht, target_batch_size=2 * BATCH, offload_optimizer=offload)
     try:
         reference = _model()
         params = list(reference.parameters())
         optimizer = ClippedAdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY, max_grad_norm=GRAD_CLIP)
-        if not offload:
-            initialize_optimizer_state_(optimizer)
-            for name, param in trainer.model.named_parameters():
-                torch.testing.assert_close(param.detach(), dict(reference.named_parameters())[name].detach())
+        for name, param in trainer.model.named_parameters():  # the seeded weights, bit for bit
+            assert torch.equal(param.detach(), dict(reference.named_parameters())[name].detach()), name
+        inner = trainer.optimizer.state_averager.optimizer
+        assert all(float(state["step"]) == 0 for state in inner.state.values())
         first = trainer.train_batch(_batch(1))
         hook = _nan_loss(trainer.model)
         try:
@@ -159,8 +158,6 @@ def test_swarm_step_with_one_sync_skips_bad_batches_and_takes_the_shared_step(dh
                 acc.add_(param.grad)
         for param, acc in zip(params, grads):
             param.grad = acc / 2
-        if offload:
-            initialize_optimizer_state_(optimizer)
         optimizer.step()
         for name, expected in _params(reference).items():
             torch.testing.assert_close(dict(trainer.model.named_parameters())[name].detach(), expected,

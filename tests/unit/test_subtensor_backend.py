@@ -67,9 +67,11 @@ class FakeSubtensor:
         self.fail_with: Optional[Exception] = None
         self.calls: list[tuple] = []
         self.closed = 0
-        self.subnets = _Namespace(metagraph=self._metagraph)
+        self.committed: dict[str, Any] = {}  # hotkey -> bt.metagraph.NeuronCommitment
+        self.subnets = _Namespace(metagraph=self._metagraph, commitments=self._commitments)
         self.neurons = _Namespace(uid=self._uid)
         self.weights = _Namespace(weights=self._weights)
+        self.identity = _Namespace(commitment=self._commitment)
 
     def _check(self) -> None:
         if self.fail_with is not None:
@@ -95,6 +97,23 @@ class FakeSubtensor:
         self.calls.append(("weights.weights", netuid, mechid))
         self._check()
         return self.weight_rows
+
+    def _commitments(self, netuid: int, block: Optional[int] = None):
+        self.calls.append(("subnets.commitments", netuid))
+        self._check()
+        return self.committed
+
+    def _commitment(self, netuid: int, hotkey_ss58: str, *, block: Optional[int] = None):
+        self.calls.append(("identity.commitment", netuid, hotkey_ss58))
+        self._check()
+        found = self.committed.get(hotkey_ss58)
+        return None if found is None else bt.Commitment(block=found.block, deposit=found.deposit,
+                                                         data=found.data, fields=found.fields)
+
+    def submit_call(self, call, wallet, **kwargs):
+        self.calls.append(("submit_call", call, wallet, kwargs))
+        self._check()
+        return self.result
 
     def execute(self, intent, wallet, **kwargs):
         self.calls.append(("execute", intent, wallet, kwargs))
@@ -255,6 +274,76 @@ def test_set_weights_rejects_bad_vectors_without_calling_the_sdk(fake: FakeSubte
     assert fake.calls == []
 
 
+# --- commitments -------------------------------------------------------------------------
+
+
+def sdk_commitments(rows: dict[str, list], block: int = 900) -> dict:
+    """Real ``NeuronCommitment``s decoded by the SDK from raw ``CommitmentOf`` storage records."""
+    from bittensor import metagraph as sdk
+
+    records = [(hotkey, {"block": 5, "deposit": 0, "info": {"fields": fields}}) for hotkey, fields in rows.items()]
+    return sdk._commitments(NETUID, records, [], block)
+
+
+def submitted(fake: FakeSubtensor) -> list[tuple]:
+    return [c for c in fake.calls if c[0] == "submit_call"]
+
+
+def test_commit_submits_set_commitment_signed_by_the_hotkey(fake: FakeSubtensor, wallet: bt.Wallet) -> None:
+    from bittensor import metagraph as sdk
+
+    fake.uids = {wallet.hotkey.ss58_address: 3}
+    text = "dt-peer/1 12D3KooWpeer 0123456789abcdef0123456789abcdef"
+    make_chain(fake).commit(wallet, NETUID, text)
+    [(_, call, signer, kwargs)] = submitted(fake)
+    assert (call.module, call.function, call.params["netuid"]) == ("Commitments", "set_commitment", NETUID)
+    [field] = call.params["info"]["fields"]
+    assert list(field) == [f"Raw{len(text)}"]
+    assert sdk._decode_fields(call.params["info"]["fields"]) == text  # what every reader of the chain decodes
+    assert signer is wallet
+    assert kwargs == {"signer": "hotkey", "wait_for_inclusion": True, "wait_for_finalization": False}
+
+
+def test_commit_skips_an_unchanged_commitment(fake: FakeSubtensor, wallet: bt.Wallet) -> None:
+    # commitments are rate limited on chain: a retry after a lost reply must not submit again
+    fake.uids = {wallet.hotkey.ss58_address: 3}
+    fake.committed = sdk_commitments({wallet.hotkey.ss58_address: [{"Raw3": "0x" + b"old".hex()}]})
+    chain = make_chain(fake)
+    chain.commit(wallet, NETUID, "old")
+    assert submitted(fake) == []
+    chain.commit(wallet, NETUID, "new")
+    assert len(submitted(fake)) == 1
+
+
+def test_commit_requires_registration_and_valid_text(fake: FakeSubtensor, wallet: bt.Wallet) -> None:
+    chain = make_chain(fake)
+    with pytest.raises(ChainError, match="at most 128 bytes"):
+        chain.commit(wallet, NETUID, "x" * 129)
+    with pytest.raises(ChainError, match="a commitment is text"):
+        chain.commit(wallet, NETUID, b"bytes")
+    assert fake.calls == []  # checked before touching the chain
+    with pytest.raises(ChainError, match=f"hotkey {wallet.hotkey.ss58_address} is not registered.*btcli"):
+        chain.commit(wallet, NETUID, "dt-peer/1 x y")
+    assert submitted(fake) == []
+
+
+def test_a_refused_commit_is_a_chain_error_with_the_sdk_remedy(fake: FakeSubtensor, wallet: bt.Wallet) -> None:
+    fake.uids = {wallet.hotkey.ss58_address: 3}
+    failure = bt.ChainError("Rate limited: wait 12 blocks", code=ErrorCode.RATE_LIMITED)
+    fake.result = bt.ExtrinsicResult(success=False, message="failed", error=failure)
+    with pytest.raises(ChainError, match="committing on netuid 7 failed on test: Rate limited"):
+        make_chain(fake).commit(wallet, NETUID, "dt-peer/1 x y")
+
+
+def test_commitments_reads_the_bulk_map_and_skips_sealed_payloads(fake: FakeSubtensor) -> None:
+    fake.committed = sdk_commitments({
+        "hk-a": [{"Raw9": "0x" + b"dt-peer/1".hex()}],
+        "hk-sealed": [{"TimelockEncrypted": {"encrypted": "0x00", "reveal_round": 99}}],
+    })
+    assert make_chain(fake).commitments(NETUID) == {"hk-a": "dt-peer/1"}
+    assert fake.calls == [("subnets.commitments", NETUID)]
+
+
 # --- error translation --------------------------------------------------------------
 
 
@@ -326,6 +415,17 @@ def test_fake_matches_the_sdk_read_signatures() -> None:
     assert REGISTRY["weights"].category == "Weights & bonds"  # -> client.weights.weights
     assert isinstance(inspect.getattr_static(bt.Subtensor, "block"), property)
     assert callable(bt.Subtensor.execute) and callable(bt.Subtensor.close)
+    assert _params(Subnets.commitments) == ["netuid", "block"] == _params(FakeSubtensor._commitments)
+    assert _params(REGISTRY["commitment"].fetch) == ["netuid", "hotkey_ss58"]
+    assert REGISTRY["commitment"].category == "Identity & commitments"  # -> client.identity.commitment
+
+
+def test_fake_matches_the_sdk_submit_call_and_commitment_call() -> None:
+    from bittensor.executor import Executor
+
+    assert {"signer", "wait_for_inclusion", "wait_for_finalization"} <= set(_params(Executor.submit_call))
+    assert callable(bt.Subtensor.submit_call)
+    assert _params(bt.calls.Commitments.set_commitment) == ["netuid", "info"]
 
 
 def test_fake_matches_the_sdk_execute_and_intents() -> None:

@@ -11,7 +11,6 @@ import uuid
 
 import pytest
 import torch
-from hivemind.optim.state_averager import initialize_optimizer_state_
 
 from distributed_training.training.model import build_model, get_preset
 from distributed_training.training.gradient_averaging import GradientAveragingTrainer
@@ -144,12 +143,8 @@ def test_page_losses_one_finite_deterministic_value_per_page(trainer: GradientAv
 
 # --- a global epoch with one peer ----------------------------------------------------------------
 def _reference_step(batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What one peer's global step must do: ClippedAdamW on the mean gradient of its batches.
-
-    hivemind initialises the optimizer's state with one virtual step on zero gradients (which counts
-    as Adam's step 1 and applies weight decay once) on its own copy of the weights, while the model
-    that computes the gradients keeps the initial ones; the reference does the same.
-    """
+    """What one peer's global step must do: plain ClippedAdamW's first step on the mean gradient of its
+    batches (hivemind's initial zero-gradient step is undone when the trainer is built)."""
     model = _model()
     params = list(model.parameters())
     grads = [torch.zeros_like(p) for p in params]
@@ -160,9 +155,7 @@ def _reference_step(batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
             acc.add_(param.grad)
     for param, acc in zip(params, grads):
         param.grad = acc * (1.0 / len(batches))
-    # after the backward passes: hivemind initialises its own (offloaded) copy, not the model's weights
     optimizer = ClippedAdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY, max_grad_norm=GRAD_CLIP)
-    initialize_optimizer_state_(optimizer)  # keeps .grad as it was
     optimizer.step()
     return _snapshot(model)
 

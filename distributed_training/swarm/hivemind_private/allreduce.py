@@ -109,6 +109,11 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                 merged[i] = worse(merged.get(i), verdict)
         return {self.sender_peer_ids[i].to_base58(): verdict for i, verdict in merged.items()}
 
+    def own_verdicts(self) -> dict[str, str]:
+        """What this peer's reducer found, by base58 peer id: what it reports as its own (`verdict_reports`)."""
+        found = self.tensor_part_reducer.verdicts
+        return {self.sender_peer_ids[i].to_base58(): verdict for i, verdict in found.items()}
+
     def _compress_result(self, part_index: int, averaged_part: torch.Tensor):
         cached = self._compressed_results.get(part_index)
         if cached is None:  # concurrent senders may compute it twice; the result is the same

@@ -124,7 +124,8 @@ class GuardedAveraging(CheckedStateDownload):
             averaged = [tensor async for tensor in runner]
         finally:
             if self.guard is not None:
-                self.guard.record(runner.verdicts(), members=[_base58(p) for p in group_info.peer_ids])
+                self.guard.record(runner.verdicts(), members=[_base58(p) for p in group_info.peer_ids],
+                                  own=runner.own_verdicts())
         failed = runner.tensor_part_container.failed_size
         if failed:
             raise AllreduceException(f"{failed} of {runner.tensor_part_container.total_size} values were not "
@@ -148,7 +149,17 @@ class GuardedGradientAverager(GuardedAveraging, GradientAverager):
 
 
 class GuardedStateAverager(GuardedAveraging, TrainingStateAverager):
-    """Swarm mode's state averager: the parameters peers average and serve to joiners."""
+    """Swarm mode's state averager: the parameters peers average and serve to joiners.
+
+    `skip_optimizer_step` (set by `GroupRecordingOptimizer` for one epoch) drops the optimizer step of
+    the next `step` call: a peer without the swarm's averaged gradient takes no step of its own."""
+
+    skip_optimizer_step = False
+
+    def step(self, *args: Any, **kwargs: Any):
+        if self.skip_optimizer_step and kwargs.get("optimizer_step"):
+            kwargs["optimizer_step"] = False
+        return super().step(*args, **kwargs)
 
     def served_parameters(self, metadata: Any, tensors):
         return tensors[:len(self.main_parameters)]  # then extra tensors and optimizer statistics

@@ -26,7 +26,7 @@ class GroupRecordingOptimizer(hivemind.Optimizer):
     The group size is the only direct evidence that an epoch was really trained together, and
     hivemind only logs it; we keep it for the miner's metrics and for tests. It also times the two
     places where a step blocks on the swarm (the gradient all-reduce, with its wait for the group,
-    and state loading); matchmaking and state averaging run on hivemind's threads meanwhile.
+    and state loading); matchmaking runs on hivemind's threads meanwhile.
     """
 
     last_group: Optional[tuple[str, ...]] = None  # peer ids of the last epoch's all-reduce; None: not averaged
@@ -68,9 +68,68 @@ class GroupRecordingOptimizer(hivemind.Optimizer):
         for main, copy in zip(self.state_averager.main_parameters, offloaded):
             copy.copy_(main)
 
+    # --- one state for the whole swarm ---------------------------------------------------------------
+    # Members of an all-reduce apply the same AdamW step to the same averaged bits, so their parameters
+    # stay bit-identical and a signed digest can vouch for them (`swarm.state_digests`). hivemind's
+    # fallback breaks that: a peer whose all-reduce failed while others trained steps on its own
+    # gradient and forks. Here it skips that step, and, like a peer whose signed state lost to another
+    # digest, reloads the swarm's state, checked against the digests, at its next step.
+    _out_of_step: Optional[str] = None  # why this peer must reload the swarm's state; None: it is in step
+
+    def _others_trained(self) -> bool:
+        return self.tracker.global_progress.num_peers > 1
+
+    def _fall_out_of_step(self, reason: str, skip_step: bool = True) -> None:
+        if self._out_of_step is None:
+            logger.warning("%s: %sreloading the swarm's state", reason, "skipping this epoch's step and " * skip_step)
+        self._out_of_step = reason
+        self.state_averager.skip_optimizer_step = skip_step
+
+    def _load_local_gradients_into_optimizer(self) -> None:
+        if self._others_trained() and self.last_group is not None and len(self.last_group) <= 1:
+            self._fall_out_of_step("the gradient all-reduce failed while other peers trained")
+            return
+        super()._load_local_gradients_into_optimizer()
+
+    def _begin_averaging_gradients(self, grad_scaler) -> bool:
+        began = super()._begin_averaging_gradients(grad_scaler)
+        if not began and self._others_trained():  # tagged along with weight 0, or no round could start
+            self._fall_out_of_step("this peer could not join the epoch's gradient all-reduce")
+        return began
+
+    def _should_load_state_from_peers(self) -> bool:
+        return self._out_of_step is not None or super()._should_load_state_from_peers()
+
+    def served_parameters(self) -> list[torch.Tensor]:
+        """The parameters `get_current_state` serves (the optimizer's copies: host ones when offloaded)."""
+        return [param for group in self.state_averager.optimizer.param_groups for param in group["params"]]
+
+    def publish_digest(self) -> None:
+        """Sign the digest of the parameters this peer serves now (also at start and after a restore: a
+        forged state of epoch 0 must face the signers of the seeded initial model)."""
+        if self._state_check is not None and getattr(self._state_check, "check_digests", False):
+            try:
+                self._state_check.publish(self.local_epoch, self.served_parameters())
+            except Exception as exc:  # a DHT hiccup: the next epoch publishes again
+                logger.warning("could not publish the state digest of epoch %d: %r", self.local_epoch, exc)
+
+    def _check_fork(self) -> None:
+        """After an epoch: whether the state this peer signed one epoch ago lost to another digest (its
+        group averaged apart from the rest); by now every member of that epoch has published."""
+        if self._state_check is None or not getattr(self._state_check, "check_digests", False):
+            return
+        with contextlib.suppress(Exception):
+            reason = self._state_check.fork(self.local_epoch - 1)
+            if reason is not None:
+                self._fall_out_of_step(reason, skip_step=False)  # this epoch's step is taken: the reload replaces it
+
     def _update_global_epoch(self, grad_scaler):
         self.last_group = (self.dht.peer_id.to_base58(),)  # alone unless the all-reduce below records a group
         super()._update_global_epoch(grad_scaler)
+        self.state_averager.skip_optimizer_step = False
+        if self._out_of_step is None:
+            self.publish_digest()
+            self._check_fork()
 
     # Alone, hivemind still pre-schedules an all-reduce `matchmaking_time` before each epoch, and its
     # matchmaking then polls the DHT in a tight loop (empty leader queue -> fetch again) until the
@@ -90,6 +149,11 @@ class GroupRecordingOptimizer(hivemind.Optimizer):
         self.last_group = None  # an epoch reached by loading state was not averaged by this peer
         with self.timing.communicating():
             super().load_state_from_peers(**kwargs)
+        if self._out_of_step is not None:
+            logger.info("reloaded the swarm's state at epoch %d (%s)", self.local_epoch, self._out_of_step)
+        # whatever was loaded is what this peer now serves; if no state passed the check, it serves its own
+        self._out_of_step = None
+        self.publish_digest()
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
         with self.timing.communicating():
