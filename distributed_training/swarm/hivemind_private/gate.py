@@ -149,17 +149,7 @@ class GuardedGradientAverager(GuardedAveraging, GradientAverager):
 
 
 class GuardedStateAverager(GuardedAveraging, TrainingStateAverager):
-    """Swarm mode's state averager: the parameters peers average and serve to joiners.
-
-    `skip_optimizer_step` (set by `GroupRecordingOptimizer` for one epoch) drops the optimizer step of
-    the next `step` call: a peer without the swarm's averaged gradient takes no step of its own."""
-
-    skip_optimizer_step = False
-
-    def step(self, *args: Any, **kwargs: Any):
-        if self.skip_optimizer_step and kwargs.get("optimizer_step"):
-            kwargs["optimizer_step"] = False
-        return super().step(*args, **kwargs)
+    """Swarm mode's state averager: the parameters peers serve to joiners."""
 
     def served_parameters(self, metadata: Any, tensors):
         return tensors[:len(self.main_parameters)]  # then extra tensors and optimizer statistics

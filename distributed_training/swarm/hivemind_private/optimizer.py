@@ -72,23 +72,22 @@ class GroupRecordingOptimizer(hivemind.Optimizer):
     # Members of an all-reduce apply the same AdamW step to the same averaged bits, so their parameters
     # stay bit-identical and a signed digest can vouch for them (`swarm.state_digests`). hivemind's
     # fallback breaks that: a peer whose all-reduce failed while others trained steps on its own
-    # gradient and forks. Here it skips that step, and, like a peer whose signed state lost to another
-    # digest, reloads the swarm's state, checked against the digests, at its next step.
+    # gradient and forks. Here it still takes that step (its model stays near the swarm's for the
+    # epoch, which validators check it at), signs nothing for the epoch, and, like a peer whose signed
+    # state lost to another digest, reloads the swarm's state, checked against the digests, at its next step.
     _out_of_step: Optional[str] = None  # why this peer must reload the swarm's state; None: it is in step
 
     def _others_trained(self) -> bool:
         return self.tracker.global_progress.num_peers > 1
 
-    def _fall_out_of_step(self, reason: str, skip_step: bool = True) -> None:
+    def _fall_out_of_step(self, reason: str) -> None:
         if self._out_of_step is None:
-            logger.warning("%s: %sreloading the swarm's state", reason, "skipping this epoch's step and " * skip_step)
+            logger.warning("%s: reloading the swarm's state at the next step", reason)
         self._out_of_step = reason
-        self.state_averager.skip_optimizer_step = skip_step
 
     def _load_local_gradients_into_optimizer(self) -> None:
         if self._others_trained() and self.last_group is not None and len(self.last_group) <= 1:
             self._fall_out_of_step("the gradient all-reduce failed while other peers trained")
-            return
         super()._load_local_gradients_into_optimizer()
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
@@ -121,12 +120,11 @@ class GroupRecordingOptimizer(hivemind.Optimizer):
         with contextlib.suppress(Exception):
             reason = self._state_check.fork(self.local_epoch - 1)
             if reason is not None:
-                self._fall_out_of_step(reason, skip_step=False)  # this epoch's step is taken: the reload replaces it
+                self._fall_out_of_step(reason)
 
     def _update_global_epoch(self, grad_scaler):
         self.last_group = (self.dht.peer_id.to_base58(),)  # alone unless the all-reduce below records a group
         super()._update_global_epoch(grad_scaler)
-        self.state_averager.skip_optimizer_step = False
         if self._out_of_step is None:
             self.publish_digest()
             self._check_fork()
