@@ -130,10 +130,10 @@ class StateDigests:
     def __init__(self, dht: Any, run_id: str, admit: Admission, check_digests: bool = True,
                  accuse: Optional[Callable[[str, str], None]] = None):
         """`check_digests`: whether downloaded parameters are checked against the digests (else only their
-        epoch). `accuse(peer, reason)` hears each peer caught lying in the state it serves: a future epoch,
-        or parameters that contradict its own signed digest (the ban board: the peer is then banned here
-        and named to validators). A state that lost only to the others' digests is refused but not
-        reported: an honest peer whose all-reduce failed serves one until it reloads."""
+        epoch). `accuse(peer, reason)` hears each peer caught lying in the state it serves: a future epoch
+        (the ban board: the peer is then banned here and named to validators). A state that lost to the
+        others' digests, or contradicts its server's own signed digest, is refused but not reported: an
+        honest peer serves one while it falls out of step or reloads."""
         self.dht, self.run_id, self.admit, self.key = dht, run_id, admit, f"{run_id}_state_digests"
         self.check_digests, self.accuse = check_digests, accuse
         # the process-wide key (as MinerRecords): the DHT merges signature validators, and the binding names it
@@ -186,7 +186,9 @@ class StateDigests:
             server = bound.get(peer)
             signed = table.get(server.record_key, {}).get(epoch) if server is not None else None
             if reason is not None and signed is not None and signed != digest:
-                lied, reason = True, f"{reason}; it signed another digest for that epoch itself"
+                # not reported: an honest peer that reloads the swarm's state at the same epoch serves
+                # it a moment before it signs it (seen framing an honest miner in the local swarm)
+                reason = f"{reason}; it signed another digest for that epoch itself"
         if reason is not None and peer not in self._refused:
             self._refused.add(peer)
             logger.warning("refusing state from %s: %s", peer, reason)

@@ -66,7 +66,7 @@ def test_a_peer_that_stepped_alone_is_told_it_forked_but_a_lone_rival_is_no_quor
     assert fork_reason(8, Y, table) is None  # nobody signed epoch 8 yet
 
 
-def test_only_a_provable_lie_is_reported_and_every_refusal_is_logged_once(dht, monkeypatch, caplog):
+def test_only_a_future_epoch_is_reported_and_every_refusal_is_logged_once(dht, monkeypatch, caplog):
     import uuid
 
     from distributed_training.swarm import state_digests
@@ -86,11 +86,11 @@ def test_only_a_provable_lie_is_reported_and_every_refusal_is_logged_once(dht, m
     # a peer that signed nothing for the epoch (it fell out of step) is refused, not reported
     assert "no bound peer signed this state" in digests("silent", 1, other)
     assert accused == []
-    # a peer serving what contradicts its own signature lies provably
-    reason = digests("signer", 1, other)
-    assert "it signed another digest for that epoch itself" in reason
-    assert accused == [("signer", f"served a state it could not back: {reason}")]
+    # one that contradicts its own signature is refused, with that said, but not reported: an honest peer
+    # reloading the swarm's state at the same epoch serves it a moment before it signs it
+    assert "it signed another digest for that epoch itself" in digests("signer", 1, other)
     digests("signer", 1, other)
-    assert len(accused) == 1 and caplog.text.count("refusing state from signer") <= 1
+    assert accused == [] and caplog.text.count("refusing state from signer") <= 1
     # a state from the future is a lie whatever the digests say
-    assert "claims epoch 5" in digests("silent", 5, signed) and accused[-1][0] == "silent"
+    reason = digests("silent", 5, signed)
+    assert "claims epoch 5" in reason and accused == [("silent", f"served a state it could not back: {reason}")]
