@@ -6,8 +6,8 @@ and every joiner and validator would load it. So after each epoch every peer pub
 `<run_id>_state_digests` and signed with its record key, the digest of the parameters it now
 serves. Those are bit-identical on every member of an averaging group: the consensus all-reduce
 gives all members the same bits, DiLoCo's θ_global is their mean, and in swarm mode every member
-applies the same AdamW step to the same averaged gradient (a peer whose all-reduce failed skips the
-step and reloads, see `hivemind_private.optimizer`). Optimizer statistics are not digested.
+applies the same AdamW step to the same averaged gradient (a peer whose all-reduce failed signs
+nothing for that epoch and reloads, see `hivemind_private.optimizer`). Optimizer statistics are not digested.
 
 The swarm's state at an epoch (`winning`) is the digest signed by the most bound signers, ties
 broken by the smaller digest, after two filters:
