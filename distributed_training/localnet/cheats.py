@@ -16,7 +16,9 @@ swarm starts them with `python -m distributed_training.localnet.cheats --cheat K
 - hijacker: registered and bound, trains honestly, but serves a random model as its epoch + 3 at
   state-sharing priority 1e9 (and, in DiLoCo, signs that state's digest);
 - inflater: registered and bound, trains honestly, but keeps its signed progress record claiming
-  epoch 10^6 and 10^9 samples (stored with a longer lifetime than its tracker's, so it stays).
+  epoch 10^6 and 10^9 samples (stored with a longer lifetime than its tracker's, so it stays);
+- framer: registered and bound, trains honestly, but its reducer tells each group that another
+  member's parts were not finite (the verdicts every member adopts), to have an honest miner banned.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import sys
 import threading
 import time
 from types import SimpleNamespace
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -271,9 +273,52 @@ class InflaterMiner(Miner):
         super().train()
 
 
+def install_framing() -> Callable[[], None]:
+    """From now on every all-reduce of this process, and of the averager processes it starts, sends back
+    verdicts that also call one other sender's parts non-finite (the first in the group's order);
+    returns the undo (for a test that starts honest averagers in the same process afterwards)."""
+    from ..swarm.hivemind_private import allreduce
+    from ..swarm.robust import NON_FINITE, encode_verdicts
+
+    runner = allreduce.ConsensusAllReduceRunner
+    honest_init = runner.__init__
+
+    def framing_init(self, *args, **kwargs) -> None:
+        honest_init(self, *args, **kwargs)
+        me = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else -1
+        victims = [index for index in range(len(self.sender_peer_ids)) if index != me]
+        reducer = self.tensor_part_reducer
+        check = reducer.check_current_part_finished
+
+        def framing_check() -> None:
+            index, done = reducer.current_part_index, reducer.current_part_accumulated_from == reducer.num_current_senders
+            check()
+            if done and victims:
+                reducer.part_masks[index] = encode_verdicts({**reducer.verdicts, victims[0]: NON_FINITE})
+
+        reducer.check_current_part_finished = framing_check
+
+    runner.__init__ = framing_init
+
+    def undo() -> None:
+        runner.__init__ = honest_init
+
+    return undo
+
+
+class FramerMiner(Miner):
+    """Trains honestly; its reducer accuses another member of non-finite parts in every round."""
+
+    kind = "framer"
+
+    def __init__(self, config: SimpleNamespace):
+        install_framing()  # before the trainer starts its averager processes, which inherit it
+        super().__init__(config)
+
+
 CHEATS: dict[str, type[Miner]] = {cls.kind: cls for cls in (DeadMiner, LiarMiner, CopycatMiner, LazyMiner,
                                                             StaleMiner, PoisonerMiner, IntruderMiner, HijackerMiner,
-                                                            InflaterMiner)}
+                                                            InflaterMiner, FramerMiner)}
 
 
 def make_cheat(kind: str, config: SimpleNamespace, copy_uid: Optional[int] = None, poison_kind: str = "scale",

@@ -30,7 +30,7 @@ COLDKEY = "localnet"
 VALIDATOR = "validator"
 ADVERSARIES = (("dead", "dead"), ("liars", "liar"), ("copycats", "copycat"), ("lazy", "lazy"), ("stale", "stale"),
                ("poisoners", "poisoner"), ("intruders", "intruder"), ("hijackers", "hijacker"),
-               ("inflaters", "inflater"))
+               ("inflaters", "inflater"), ("framers", "framer"))
 UNREGISTERED = ("intruder",)  # members the chain never hears of: no wallet, no uid (-1)
 CHEAT_MODULE = "distributed_training.localnet.cheats"
 MARKER = ".dt-local-swarm"  # only directories carrying it are ever wiped
@@ -132,11 +132,11 @@ def split_neuron_flags(flags: list[str]) -> dict[str, list[str]]:
 # -- layout and setup -------------------------------------------------------------------------------
 def plan_layout(honest: int, dead: int = 0, liars: int = 0, copycats: int = 0, lazy: int = 0,
                 stale: int = 0, poisoners: int = 0, intruders: int = 0, hijackers: int = 0,
-                inflaters: int = 0) -> list[Member]:
+                inflaters: int = 0, framers: int = 0) -> list[Member]:
     """Validator uid 0, honest miners next, then adversaries: the order registration gives uids in."""
     kinds = ["honest"] * honest + ["dead"] * dead + ["liar"] * liars + ["copycat"] * copycats
     kinds += ["lazy"] * lazy + ["stale"] * stale + ["poisoner"] * poisoners + ["intruder"] * intruders
-    kinds += ["hijacker"] * hijackers + ["inflater"] * inflaters
+    kinds += ["hijacker"] * hijackers + ["inflater"] * inflaters + ["framer"] * framers
     return [Member(0, VALIDATOR, "validator")] + [Member(i + 1, f"miner{i}", b) for i, b in enumerate(kinds)]
 
 
@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
     since = time.time()
     run_id = prepare_work_dir(args.work_dir, args.keep)
     planned = plan_layout(args.miners, args.dead, args.liars, args.copycats, args.lazy, args.stale, args.poisoners,
-                          args.intruders, args.hijackers, args.inflaters)
+                          args.intruders, args.hijackers, args.inflaters, args.framers)
     layout, hotkeys = register_all(args.work_dir, args.netuid, planned)
     prior_rounds = int(read_score_book(args.work_dir / "state" / VALIDATOR).get("rounds", 0))
     print(f"{PROG}: {len(layout) - 1} miners, logs in {args.work_dir / 'logs'}", file=sys.stderr)

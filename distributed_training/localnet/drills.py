@@ -64,15 +64,23 @@ def _wait_for_honest(group: ProcessGroup, timeout: float) -> None:
             raise RuntimeError(f"{name} exited with {code}:\n{group.members[name].log_tail()}")
 
 
-def run_poison_drill(work: Path, mode: str, poison: Optional[str], max_epochs: int = 6, timeout: float = 400) -> Drill:
-    """Two honest miners, and a poisoner from `POISON_FROM` on (`poison` None: the reference run)."""
+def run_poison_drill(work: Path, mode: str, poison: Optional[str], max_epochs: int = 6, timeout: float = 400,
+                     third_honest: bool = False) -> Drill:
+    """Two honest miners, and a poisoner from `POISON_FROM` on (`poison` None: a reference run, of the two
+    alone or, with `third_honest`, with an honest miner in the poisoner's place: the same split of each
+    epoch's samples three ways, so that the only difference from a poisoned run is the poison)."""
+    if poison and third_honest:
+        raise ValueError("a drill has a poisoner or a third honest miner, not both")
     run_id = f"drill-{uuid.uuid4().hex[:8]}"
     with ProcessGroup(work / "logs") as group:
         peers = group.initial_peers(group.start_dht_node("dht", work / "dht"))
         common = [*DRILL_FLAGS, *MODE_FLAGS[mode], "--neuron.max_epochs", str(max_epochs), "--neuron.run_id", run_id,
-                  "--dht.initial_peers", ",".join(peers), "--neuron.wait_for_peers", "3" if poison else "2"]
+                  "--dht.initial_peers", ",".join(peers),
+                  "--neuron.wait_for_peers", "3" if poison or third_honest else "2"]
         for uid, name in enumerate(HONEST):
             group.start(name, "miner.py", [*common, "--neuron.uid", str(uid)], work / name)
+        if third_honest:
+            group.start("m2", "miner.py", [*common, "--neuron.uid", "2"], work / "m2")
         if poison:
             group.start("poisoner", "distributed_training.localnet.cheats",
                         [*common, "--neuron.uid", "2", "--cheat", "poisoner", "--cheat.poison", poison,

@@ -14,6 +14,14 @@ A banned peer is refused for `ban_rounds` rounds, then admitted again (its strik
 further ban of the same peer lasts twice as long as the one before. Bans are posted on the board
 with their reason, which `ban_records` publishes for validators, and so is each verdict of this peer's
 own reducer that the rule counts (`verdict_reports`). Refusals are logged once per peer and reason.
+A peer the board refuses counts for nothing in this peer's progress either (`unbanned`): its samples
+would not be in the average, so counting them would end epochs on less of the swarm's work.
+
+Who saw it matters: a ban on this peer's own reducer's finding is posted as seen (and published to
+validators), one adopted from another reducer's word is posted as heard (`HEARD`: refused here
+alike, so the group stays of one mind, but never published: one lying reducer must not make every
+member accuse its victim to validators). A reducer that says this peer's parts were not finite when
+this peer sent only finite values lied: this peer bans it, as seen.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional, Sequence, TypeVar
 
 from .robust import CLIPPED, FAR_OFF, NON_FINITE
 from .verdict_reports import post_verdicts
@@ -29,6 +37,7 @@ from .verdict_reports import post_verdicts
 logger = logging.getLogger(__name__)
 
 REPORT = ".report"  # the suffix of a board entry that is published but not refused (`post_ban`)
+HEARD = ".heard"  # the suffix of a board entry that is refused but not published (another reducer's word)
 NEVER = 2 ** 62  # `clip_strikes` that no run reaches: clipping alone never bans
 
 # Returns None if the peer (base58 id) may average with this one, else why not.
@@ -44,6 +53,27 @@ class BanRule:
     def __post_init__(self) -> None:
         if self.ban_rounds < 1 or self.clip_strikes < 1:
             raise ValueError(f"ban_rounds and clip_strikes must be at least 1, not {self.ban_rounds}, {self.clip_strikes}")
+
+
+def board_refuses(board: Path, peer: str) -> bool:
+    """Whether an entry on `board` refuses `peer` (names are `<source>-<peer>`, compared exactly: a peer
+    id is never a pattern)."""
+    try:
+        names = [entry.name for entry in board.iterdir()]
+    except OSError:
+        return False
+    return any(name.removesuffix(HEARD).partition("-")[2] == peer for name in names if not name.endswith(REPORT))
+
+
+Binding = TypeVar("Binding")
+
+
+def unbanned(bindings: Callable[[Sequence[str]], Mapping[str, Binding]], board: Path
+             ) -> Callable[[Sequence[str]], dict[str, Binding]]:
+    """`bindings` (a `progress.BindingLookup`) without the peers `board` refuses: whose progress counts."""
+    def lookup(peers: Sequence[str]) -> dict[str, Binding]:
+        return {peer: binding for peer, binding in bindings(peers).items() if not board_refuses(board, peer)}
+    return lookup
 
 
 def post_ban(board: Path, source: str, peer: str, reason: str, refuse: bool = True) -> None:
@@ -75,8 +105,8 @@ class AveragingGuard:
         self.offences: dict[str, int] = {}  # bans so far, by peer: each doubles the next one
         self._logged: set[tuple[str, str]] = set()
 
-    def _posted(self, peer: str) -> Path:
-        return self.board / f"{self.name}-{peer}"
+    def _posted(self, peer: str, heard: bool = False) -> Path:
+        return self.board / f"{self.name}-{peer}{HEARD if heard else ''}"
 
     def ban_reason(self, peer: str) -> Optional[str]:
         until = self.banned_until.get(peer)
@@ -84,10 +114,11 @@ class AveragingGuard:
             del self.banned_until[peer]
             if self.board is not None:
                 self._posted(peer).unlink(missing_ok=True)
+                self._posted(peer, heard=True).unlink(missing_ok=True)
             until = None
         if until is not None:
             return f"banned for {until - self.rounds} more round(s)"
-        if self.board is not None and any(self.board.glob(f"*-{peer}")):
+        if self.board is not None and board_refuses(self.board, peer):
             return "banned by another part of this peer"
         return None
 
@@ -102,19 +133,27 @@ class AveragingGuard:
             logger.warning("%s: refusing %s at %s: %s", self.name, peer, where, reason)
         return reason
 
-    def record(self, verdicts: dict[str, str], members: Iterable[str], own: Optional[dict[str, str]] = None) -> None:
+    def record(self, verdicts: dict[str, str], members: Iterable[str], own: Optional[dict[str, str]] = None,
+               framed_by: Iterable[str] = (), me: Optional[str] = None) -> None:
         """One all-reduce round ended; `verdicts` are the round's findings by sender (those of every reducer,
         adopted alike by every member), `own` those of this peer's reducer (default: `verdicts`), which
-        the board's verdict reports carry: a peer signs only what it saw."""
+        the board's verdict reports and published bans carry: a peer signs only what it saw. `framed_by`:
+        the reducers that called this peer's finite parts non-finite; `me`: this peer (never banned here)."""
         self.rounds += 1
-        members = list(members)
-        self._report(verdicts if own is None else own, members)
+        members, framed_by = list(members), [peer for peer in framed_by if peer != me]
+        own = verdicts if own is None else own
+        self._report(own, members)
+        for accuser in framed_by:
+            self._ban(accuser, "called this peer's finite parts non-finite")
         for peer in members:
             verdict = verdicts.get(peer)
+            heard = own.get(peer) != verdict  # the finding is another reducer's, taken at its word
+            if peer == me or peer in framed_by:
+                continue
             if verdict == NON_FINITE:
-                self._ban(peer, "sent non-finite values")
+                self._ban(peer, "sent non-finite values", heard)
             elif verdict == FAR_OFF and self.rule.ban_far_off:
-                self._ban(peer, "sent values far beyond every other member's")
+                self._ban(peer, "sent values far beyond every other member's", heard)
             elif verdict == CLIPPED and self.rule.clip_strikes >= NEVER:
                 logger.info("%s: %s's part was clipped (clipping alone never bans here)", self.name, peer)
             elif verdict == CLIPPED:
@@ -122,7 +161,7 @@ class AveragingGuard:
                 logger.warning("%s: %s's part was clipped (%d of %d strikes)", self.name, peer,
                                self.strikes[peer], self.rule.clip_strikes)
                 if self.strikes[peer] >= self.rule.clip_strikes:
-                    self._ban(peer, f"clipped in {self.strikes[peer]} consecutive rounds")
+                    self._ban(peer, f"clipped in {self.strikes[peer]} consecutive rounds", heard)
             else:
                 self.strikes.pop(peer, None)
 
@@ -139,14 +178,17 @@ class AveragingGuard:
         if found and self.board is not None:
             post_verdicts(self.board, self.name, self.rounds, found)
 
-    def _ban(self, peer: str, why: str) -> None:
+    def _ban(self, peer: str, why: str, heard: bool = False) -> None:
         self.strikes.pop(peer, None)
         self.offences[peer] = self.offences.get(peer, 0) + 1
         rounds = self.rule.ban_rounds * 2 ** min(self.offences[peer] - 1, 10)  # a repeat offender waits longer
         self.banned_until[peer] = self.rounds + rounds
+        if heard:
+            why = f"{why} (another reducer's finding)"
         if self.board is not None:
-            try:  # the reason, for `swarm.ban_records` to publish
-                self._posted(peer).write_text(why)
+            try:  # the reason, for `swarm.ban_records` to publish (only what this peer saw itself)
+                self._posted(peer, heard=not heard).unlink(missing_ok=True)
+                self._posted(peer, heard).write_text(why)
             except OSError as exc:  # the ban still holds here
                 logger.warning("%s: could not post the ban of %s for the other averagers: %s", self.name, peer, exc)
         self._logged = {(p, r) for p, r in self._logged if p != peer}

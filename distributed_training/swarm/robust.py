@@ -9,7 +9,10 @@ NaN makes every parameter of every member NaN, and one part scaled by -100 or a 
 3. takes the coordinate-wise median of the parts as the center `c`, and clips every part's
    distance to it at `tau = clip_factor * median_i ||x_i - c||` (one step of CenteredClip);
    a part beyond `strike_factor` median distances (allowing for a sender's smaller sample count)
-   is a strike against its sender where at least four sent, one beyond `ban_factor` a ban (`guard.py`);
+   is a strike against its sender where at least four sent, one beyond `ban_factor` median
+   distances or `norm_ban_factor` median part norms a ban (`guard.py`): with three senders, two
+   honest parts that differ put a random part ten times their norm near 16 median distances, but
+   never near 8 median norms, which an honest part (at most its norm plus the center's) stays below;
 4. returns `c + sum_i w_i * clip(x_i - c) / sum_i w_i`.
 
 The bound: member j's term is `w_j * clip(x_j - c) / W`, of norm at most `w_j * tau / W`, however it
@@ -52,12 +55,16 @@ class RobustRule:
     weight_cap: float = 4.0  # a declared weight counts at most this many median weights
     strike_factor: float = 4.0  # farther than this (for its sample count): a strike against the sender
     ban_factor: float = 16.0  # farther than this: the sender is banned at once
+    norm_ban_factor: float = 8.0  # farther from the center than this many median part norms: banned at once
 
     def __post_init__(self) -> None:
         if not self.clip_factor >= 1.0:
             raise ValueError(f"clip_factor must be at least 1 (the median member is never clipped), not {self.clip_factor}")
         if not self.ban_factor >= self.strike_factor >= 1.0:
             raise ValueError(f"need ban_factor >= strike_factor >= 1, not {self.ban_factor}, {self.strike_factor}")
+        if not self.norm_ban_factor >= 4.0:
+            raise ValueError(f"norm_ban_factor must be at least 4 (an honest part's distance reaches about 3 "
+                             f"median norms), not {self.norm_ban_factor}")
         if not self.weight_cap >= 1.0:
             raise ValueError(f"weight_cap must be at least 1, not {self.weight_cap}")
 
@@ -109,8 +116,9 @@ def robust_average(parts: Sequence[torch.Tensor], weights: Sequence[float], rule
     # A mean over few samples is noisier (its distance grows as 1/sqrt(samples)): such a part is clipped
     # like any other, but counts against its sender only if it is far even for its sample count.
     excess = distances * torch.sqrt(torch.minimum(capped, median_weight) / median_weight)
+    median_norm = _lower_median(stacked.norm(dim=1))
     for row, i in enumerate(usable):
-        if excess[row] > rule.ban_factor * spread:
+        if excess[row] > rule.ban_factor * spread or excess[row] > rule.norm_ban_factor * median_norm:
             verdicts[i] = FAR_OFF
         elif excess[row] > rule.strike_factor * spread and len(usable) >= MIN_STRIKE_SENDERS:
             verdicts[i] = CLIPPED
@@ -132,6 +140,14 @@ def influence_bound(weights: Sequence[float], member: int, parts: Sequence[torch
 # otherwise unused `weight` field: senders whose part was not finite in the low bits, clipped ones above),
 # and every member of a round adopts the same union of verdicts: every member bans alike.
 _MASK_BITS = 17  # senders a verdict mask can name (the rest of a larger group is judged locally only)
+
+
+def credible_mask(verdicts: dict[int, str], reducer: int, num_senders: int) -> bool:
+    """Whether a remote reducer's verdicts can be taken at its word: they name at most a minority of the
+    other senders (at least one). A reducer that damns most of its group is the likelier liar, and the
+    robust mean assumes the honest are a majority anyway."""
+    named = sum(1 for sender in verdicts if sender != reducer)
+    return named <= max(1, (num_senders - 1) // 2)
 _RANK = {None: 0, CLIPPED: 1, FAR_OFF: 2, NON_FINITE: 3}
 
 

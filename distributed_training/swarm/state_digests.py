@@ -127,15 +127,13 @@ class StateDigests:
     is inherited across hivemind's fork), reading the DHT there as the guard does.
     """
 
-    def __init__(self, dht: Any, run_id: str, admit: Admission, check_digests: bool = True,
-                 accuse: Optional[Callable[[str, str], None]] = None):
-        """`check_digests`: whether downloaded parameters are checked against the digests (else only their
-        epoch). `accuse(peer, reason)` hears each peer caught lying in the state it serves: a future epoch
+    def __init__(self, dht: Any, run_id: str, admit: Admission, accuse: Optional[Callable[[str, str], None]] = None):
+        """`accuse(peer, reason)` hears each peer caught lying in the state it serves: a future epoch
         (the ban board: the peer is then banned here and named to validators). A state that lost to the
         others' digests, or contradicts its server's own signed digest, is refused but not reported: an
         honest peer serves one while it falls out of step or reloads."""
         self.dht, self.run_id, self.admit, self.key = dht, run_id, admit, f"{run_id}_state_digests"
-        self.check_digests, self.accuse = check_digests, accuse
+        self.accuse = accuse
         # the process-wide key (as MinerRecords): the DHT merges signature validators, and the binding names it
         self._signer = RSASignatureValidator()
         dht.add_validators([SchemaValidator(_DigestsSchema, prefix=run_id), self._signer, RecordBounds(run_id)])
@@ -180,7 +178,7 @@ class StateDigests:
         bound = live_bindings(self.dht, self.run_id, self.admit)
         reason = self.epoch_reason(peer, epoch, bound)
         lied = reason is not None
-        if reason is None and self.check_digests:
+        if reason is None:
             table, digest = self.table(bound), state_digest(parameters)
             reason = verdict(epoch, digest, table)
             server = bound.get(peer)

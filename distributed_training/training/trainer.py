@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from ..swarm.guard import NEVER, AveragingGuard, BanRule, PeerAdmission
+from ..swarm.guard import NEVER, AveragingGuard, BanRule, PeerAdmission, unbanned
 from ..swarm.robust import RobustRule
 from .timing import TimeSplit
 
@@ -57,8 +57,10 @@ class TrainerSettings:
 
     @property
     def bindings(self) -> Optional[Callable]:
-        """Whose records count (a `swarm.progress.BindingLookup`: `BoundPeers.bindings`); None: nobody binds."""
-        return getattr(self.admit, "bindings", None)
+        """Whose progress counts (a `swarm.progress.BindingLookup`: `BoundPeers.bindings`, less the peers
+        this process bans); None: nobody binds."""
+        lookup = getattr(self.admit, "bindings", None)
+        return None if lookup is None else unbanned(lookup, ban_board())
 
     def guard(self, name: str) -> AveragingGuard:
         """The guard of one of this peer's averagers ("gradients", "state", "pseudo-gradients").

@@ -16,7 +16,7 @@ MAX_EPOCHS = 6
 BAN_WITHIN = 2  # epochs after the first poisoned one
 
 
-@pytest.mark.parametrize("mode, poison", [("swarm", "nan"), ("diloco", "scale")])
+@pytest.mark.parametrize("mode, poison", [("swarm", "nan"), ("diloco", "noise")])
 def test_a_poisoner_is_banned_and_the_honest_miners_train_on_together(tmp_path, mode, poison):
     drill = run_poison_drill(tmp_path, mode, poison, max_epochs=MAX_EPOCHS)
     poisoned = read_metrics(tmp_path / "poisoner" / "metrics.jsonl", "poisoned")

@@ -136,7 +136,7 @@ def test_verdicts_travel_as_a_mask_and_garbage_says_nothing() -> None:
 
 def test_a_part_from_few_samples_is_clipped_without_a_strike() -> None:
     honest = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0])]
-    far = torch.tensor([9.0, 9.0])  # 8 * sqrt(2) from the center (1, 1), tau = 4
+    far = torch.tensor([6.0, 6.0])  # 5 * sqrt(2) from the center (1, 1), tau = 4, under 8 median norms (1)
     _, verdicts = robust_average([*honest, far], [4.0, 4.0, 4.0, 4.0], RULE)
     assert verdicts[3] == CLIPPED
     # the same part from 1 sample where the others had 16: its noise explains a distance 4x larger
@@ -147,7 +147,7 @@ def test_a_part_from_few_samples_is_clipped_without_a_strike() -> None:
 
 def test_of_three_senders_a_moderate_outlier_is_clipped_but_not_struck_a_far_one_is_banned() -> None:
     honest = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])]
-    moderate, far = torch.tensor([9.0, 9.0]), torch.tensor([900.0, 900.0])
+    moderate, far = torch.tensor([4.0, 4.0]), torch.tensor([900.0, 900.0])
     average, verdicts = robust_average([*honest, moderate], [4.0, 4.0, 4.0], RULE)
     assert verdicts == [None, None, None]  # three honest gradients are often this far apart
     assert (average - torch.tensor([1.0, 1.0])).norm() <= 2.0  # and it is still clipped
@@ -191,7 +191,70 @@ def test_a_ban_by_one_averager_holds_in_the_others_of_the_peer(tmp_path) -> None
     assert state.refuse("poisoner", "group") is None
 
 
+def test_a_peer_the_board_refuses_counts_for_nothing_in_progress(tmp_path) -> None:
+    from distributed_training.swarm.guard import post_ban, unbanned
+    bound = {"honest": "binding-h", "poisoner": "binding-p", "forged": "binding-f", "p*": "binding-star"}
+    lookup = unbanned(lambda peers: {peer: bound[peer] for peer in peers if peer in bound}, tmp_path)
+    AveragingGuard("gradients", BanRule(ban_rounds=2), board=tmp_path).record({"poisoner": NON_FINITE}, ["poisoner"])
+    post_ban(tmp_path, "state", "forged", "served a forged state", refuse=False)  # reported, not refused
+    assert lookup(["honest", "poisoner", "forged", "p*", "stranger"]) == {
+        "honest": "binding-h", "forged": "binding-f", "p*": "binding-star"}  # ids compare exactly, not as globs
+
+
 def test_distance_counts_against_a_sender_only_in_most_parts() -> None:
     found = {0: [FAR_OFF], 1: [FAR_OFF, FAR_OFF, FAR_OFF], 2: [CLIPPED, CLIPPED], 3: [NON_FINITE]}
     assert round_verdicts(found, 4) == {1: FAR_OFF, 3: NON_FINITE}  # one far part of four: a sparse gradient
     assert round_verdicts(found, 3) == {1: FAR_OFF, 2: CLIPPED, 3: NON_FINITE}
+
+
+def test_of_three_senders_a_random_part_ten_norms_long_is_banned_where_its_distance_is_not_16_spreads() -> None:
+    honest = [torch.tensor([2.0, 1.0]), torch.tensor([1.0, 2.0])]  # close, as DiLoCo pseudo-gradients are
+    noise = torch.tensor([-15.0, 15.0])  # 9.5 honest norms in another direction
+    # center (1, 2): distances sqrt(2), 0 and sqrt(16^2 + 13^2) = 20.6, only 14.6 median distances (sqrt 2)
+    _, verdicts = robust_average([*honest, noise], [4.0, 4.0, 4.0], RULE)
+    assert verdicts == [None, None, FAR_OFF]  # 20.6 > 8 median norms (sqrt 5 = 2.24): 17.9
+    _, verdicts = robust_average([*honest, noise], [4.0, 4.0, 4.0], RobustRule(clip_factor=4.0, norm_ban_factor=10.0))
+    assert verdicts == [None, None, None]  # 20.6 < 22.4: the norm rule is what bans it
+    # an honest part three times as long as the others, in their direction, is no ban: center (2, 2),
+    # its distance 4.24 is under 8 median norms
+    _, verdicts = robust_average([*honest, torch.tensor([5.0, 5.0])], [4.0, 4.0, 4.0], RULE)
+    assert verdicts == [None, None, None]
+    with pytest.raises(ValueError, match="norm_ban_factor"):
+        RobustRule(norm_ban_factor=2.0)
+
+
+def test_a_ban_on_another_reducers_word_is_refused_here_but_never_published(tmp_path) -> None:
+    from distributed_training.swarm.ban_records import read_board
+    from distributed_training.swarm.guard import board_refuses
+    guard = AveragingGuard("gradients", BanRule(ban_rounds=2), board=tmp_path)
+    members = ["me", "seen", "heard", "reducer"]
+    guard.record({"seen": NON_FINITE, "heard": NON_FINITE, "me": NON_FINITE}, members,
+                 own={"seen": NON_FINITE}, me="me")
+    assert guard.refuse("seen", "group") and guard.refuse("heard", "group")  # the group stays of one mind
+    assert guard.refuse("me", "group") is None  # another reducer's word never bans this peer from itself
+    assert board_refuses(tmp_path, "heard") and not board_refuses(tmp_path, "me")
+    assert set(read_board(tmp_path)) == {"seen"}  # validators hear only what this peer saw
+    assert "another reducer's finding" in (tmp_path / "gradients-heard.heard").read_text()
+    guard.record({}, [])
+    guard.record({}, [])
+    assert guard.refuse("heard", "group") is None and guard.refuse("seen", "group") is None
+    assert not list(tmp_path.glob("gradients-*"))  # both posts taken down
+
+
+def test_a_reducer_that_calls_finite_parts_non_finite_is_banned_and_its_word_dropped(tmp_path) -> None:
+    from distributed_training.swarm.ban_records import read_board
+    guard = AveragingGuard("gradients", BanRule(ban_rounds=2), board=tmp_path)
+    guard.record({"me": NON_FINITE}, ["me", "framer", "other"], own={}, framed_by=["framer"], me="me")
+    assert guard.refuse("framer", "group") == "banned for 2 more round(s)"
+    assert read_board(tmp_path) == {"framer": "gradients: called this peer's finite parts non-finite"}
+    assert guard.refuse("other", "group") is None
+
+
+def test_one_reducer_may_name_at_most_a_minority_of_the_others() -> None:
+    from distributed_training.swarm.robust import credible_mask
+    assert credible_mask({1: NON_FINITE}, reducer=0, num_senders=3)  # one of two others: a poisoner among three
+    assert not credible_mask({1: NON_FINITE, 2: NON_FINITE}, reducer=0, num_senders=3)
+    assert credible_mask({0: NON_FINITE, 1: NON_FINITE}, reducer=0, num_senders=3)  # its word on itself is free
+    assert credible_mask({1: CLIPPED, 2: FAR_OFF}, reducer=0, num_senders=5)
+    assert not credible_mask({1: CLIPPED, 2: FAR_OFF, 3: CLIPPED}, reducer=0, num_senders=5)
+    assert credible_mask({1: NON_FINITE}, reducer=0, num_senders=2)  # a pair: the other is its only peer

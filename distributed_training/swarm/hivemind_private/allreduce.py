@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner
@@ -13,8 +13,8 @@ from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 
-from ..robust import (NothingToAverage, RobustRule, decode_verdicts, encode_verdicts, robust_average,
-                      round_verdicts, worse)
+from ..robust import (NON_FINITE, NothingToAverage, RobustRule, credible_mask, decode_verdicts, encode_verdicts,
+                      robust_average, round_verdicts, worse)
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +100,39 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         self.tensor_part_reducer = RobustPartReducer(self.tensor_part_reducer.part_shapes,
                                                      len(self.sender_peer_ids), robust_rule)
 
-    def verdicts(self) -> dict[str, str]:
-        """What any reducer of the round found wrong with each sender's parts (this peer's and those sent
-        back with the averages), by base58 peer id; non-finite outranks clipped."""
+    def _credible_remote(self, ignore: Sequence[str] = ()) -> dict[int, dict[int, str]]:
+        """The remote reducers' verdicts (by their index in `ordered_peer_ids`) that `credible_mask` takes,
+        less those of the reducers in `ignore` (base58 ids)."""
+        credible = {}
+        for reducer, found in self._remote_verdicts.items():
+            peer = self.ordered_peer_ids[reducer]
+            if peer.to_base58() in ignore:
+                continue
+            as_sender = self.sender_peer_ids.index(peer) if peer in self.sender_peer_ids else -1
+            if credible_mask(found, as_sender, len(self.sender_peer_ids)):
+                credible[reducer] = found
+            elif found:
+                logger.warning("ignoring the verdicts of %s: they name %d of %d senders", peer.to_base58(),
+                               len(found), len(self.sender_peer_ids))
+        return credible
+
+    def verdicts(self, ignore: Sequence[str] = ()) -> dict[str, str]:
+        """What any reducer of the round found wrong with each sender's parts (this peer's and the credible
+        ones sent back with the averages, but not those of the reducers in `ignore`), by base58 peer id;
+        non-finite outranks clipped."""
         merged: dict[int, str] = {}
-        for found in [self.tensor_part_reducer.verdicts, *self._remote_verdicts.values()]:
+        for found in [self.tensor_part_reducer.verdicts, *self._credible_remote(ignore).values()]:
             for i, verdict in found.items():
                 merged[i] = worse(merged.get(i), verdict)
         return {self.sender_peer_ids[i].to_base58(): verdict for i, verdict in merged.items()}
+
+    def non_finite_accusers(self) -> list[str]:
+        """The remote reducers that said this peer's parts were not finite (base58 ids)."""
+        if self.peer_id not in self.sender_peer_ids:
+            return []
+        me = self.sender_peer_ids.index(self.peer_id)
+        return [self.ordered_peer_ids[reducer].to_base58() for reducer, found in self._remote_verdicts.items()
+                if found.get(me) == NON_FINITE and self.ordered_peer_ids[reducer] != self.peer_id]
 
     def own_verdicts(self) -> dict[str, str]:
         """What this peer's reducer found, by base58 peer id: what it reports as its own (`verdict_reports`)."""

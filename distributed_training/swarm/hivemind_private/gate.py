@@ -23,6 +23,14 @@ from .state_download import CheckedStateDownload
 logger = logging.getLogger(__name__)
 
 
+def _clean(tensors: Any, weight: Any) -> bool:
+    """Whether what this peer sends is finite under any codec (fp16 overflows past 65504): a reducer
+    that says otherwise lies."""
+    if not (isinstance(weight, (int, float)) and abs(weight) < float("inf")):
+        return False
+    return all(bool(torch.isfinite(t).all()) and (t.numel() == 0 or float(t.abs().max()) <= 65504.0) for t in tensors)
+
+
 class _GatedStub:
     """`get_stub` that, called on an averager (its state download), refuses peers its guard refuses.
 
@@ -111,6 +119,7 @@ class GuardedAveraging(CheckedStateDownload):
             if reason is not None:
                 raise AllreduceException(f"refusing a group with {_base58(peer)}: {reason}")
         group_id = group_info.group_id if group_id is None else group_id
+        sent_clean = _clean(tensors, kwargs.get("weight", 1.0))
         runner = ConsensusAllReduceRunner(
             p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
             ordered_peer_ids=group_info.peer_ids, robust_rule=self.robust_rule, **kwargs)
@@ -124,8 +133,9 @@ class GuardedAveraging(CheckedStateDownload):
             averaged = [tensor async for tensor in runner]
         finally:
             if self.guard is not None:
-                self.guard.record(runner.verdicts(), members=[_base58(p) for p in group_info.peer_ids],
-                                  own=runner.own_verdicts())
+                liars = runner.non_finite_accusers() if sent_clean else []  # their word on the others is void too
+                self.guard.record(runner.verdicts(ignore=liars), members=[_base58(p) for p in group_info.peer_ids],
+                                  own=runner.own_verdicts(), framed_by=liars, me=_base58(self.peer_id))
         failed = runner.tensor_part_container.failed_size
         if failed:
             raise AllreduceException(f"{failed} of {runner.tensor_part_container.total_size} values were not "

@@ -106,7 +106,7 @@ class GroupRecordingOptimizer(hivemind.Optimizer):
     def publish_digest(self) -> None:
         """Sign the digest of the parameters this peer serves now (also at start and after a restore: a
         forged state of epoch 0 must face the signers of the seeded initial model)."""
-        if self._state_check is not None and getattr(self._state_check, "check_digests", False):
+        if self._state_check is not None:
             try:
                 self._state_check.publish(self.local_epoch, self.served_parameters())
             except Exception as exc:  # a DHT hiccup: the next epoch publishes again
@@ -115,7 +115,7 @@ class GroupRecordingOptimizer(hivemind.Optimizer):
     def _check_fork(self) -> None:
         """After an epoch: whether the state this peer signed one epoch ago lost to another digest (its
         group averaged apart from the rest); by now every member of that epoch has published."""
-        if self._state_check is None or not getattr(self._state_check, "check_digests", False):
+        if self._state_check is None:
             return
         with contextlib.suppress(Exception):
             reason = self._state_check.fork(self.local_epoch - 1)
