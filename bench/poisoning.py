@@ -3,8 +3,9 @@
 For each training mode, two references: two honest miner processes alone, and the same two with a
 third honest miner (the poisoner's place, so each epoch's samples split three ways, as they do until
 the poisoner is banned). Then the same two with a poisoner (`localnet.cheats.PoisonerMiner`) that
-trains, then from epoch 3 on sends a corrupted contribution: `nan` (one NaN), `scale` (x -100) or
-`noise` (a random direction, ten times the norm). Per run: the honest miners' held-out loss after
+trains, then from epoch 3 on sends a corrupted contribution: `nan` (one NaN), `scale` (x -100),
+`noise` (a random direction, ten times the norm), or `average` (honest parts, but as a reducer it
+returns its span's average x -100 to every member). Per run: the honest miners' held-out loss after
 `--epochs` epochs (mean of the two), its ratio to each reference, the epoch at which the last honest
 miner banned the poisoner, batches the honest miners skipped for a non-finite value, and the largest
 parameter difference between them. The target holds against the three-miner reference, the same run
@@ -44,7 +45,7 @@ def ban_epoch(drill) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modes", default="swarm,diloco")
-    parser.add_argument("--poisons", default="nan,scale,noise")
+    parser.add_argument("--poisons", default="nan,scale,noise,average")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()

@@ -66,7 +66,7 @@ class WorkRequest(_WireModel):
     run_id: str = Field(min_length=1)
     round: NonNegativeInt
     pages: list[NonNegativeInt] = Field(min_length=1, max_length=MAX_PAGES)
-    epoch_hint: int | None = None
+    epoch_hint: int | None = None  # the newest epoch whose model the validator holds: answer from it if held
 
 
 class WorkResponse(_WireModel):

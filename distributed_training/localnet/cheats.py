@@ -10,7 +10,8 @@ swarm starts them with `python -m distributed_training.localnet.cheats --cheat K
 - lazy: trains nothing, follows the swarm's model and answers from it;
 - stale: trains nothing and answers from the model it started with;
 - poisoner: trains, then from epoch `--cheat.poison_from` on sends a corrupted gradient (swarm mode)
-  or pseudo-gradient (DiLoCo) to the all-reduce: `--cheat.poison nan|scale|noise`;
+  or pseudo-gradient (DiLoCo) to the all-reduce: `--cheat.poison nan|scale|noise`, or (`average`)
+  sends honest parts but, as the reducer of its span, returns the average x -100 to every member;
 - intruder: no registration, no binding: a stranger on the DHT that trains and tries to join the
   run's all-reduce and to download its state;
 - hijacker: registered and bound, trains honestly, but serves a random model as its epoch + 3 at
@@ -39,7 +40,7 @@ from ..protocol import WorkRequest
 from .processes import free_port
 
 LIAR_FACTOR = 0.7  # a liar claims a loss 30 % lower than its model's
-POISONS = ("nan", "scale", "noise")
+POISONS = ("nan", "scale", "noise", "average")
 POISON_SCALE = -100.0  # `scale`: the honest update, reversed and a hundred times larger
 NOISE_NORM = 10.0  # `noise`: a random direction, ten times the honest norm
 FOLLOW_INTERVAL = 1.0  # seconds between catch-ups of miners that do not train
@@ -105,7 +106,7 @@ def poison(tensors: Sequence[torch.Tensor], kind: str) -> None:
         for tensor in tensors:
             norm = float(tensor.norm())
             tensor.copy_(torch.randn_like(tensor) * (NOISE_NORM * norm / math.sqrt(max(tensor.numel(), 1))))
-    else:
+    elif kind != "average":  # `average` corrupts this peer's reducer, not what it sends (`install_average_poison`)
         raise ValueError(f"unknown poison {kind!r}; one of {', '.join(POISONS)}")
 
 
@@ -117,6 +118,8 @@ class PoisonerMiner(Miner):
     def __init__(self, config: SimpleNamespace, poison_kind: str = "scale", poison_from: int = 3):
         if poison_kind not in POISONS:
             raise ValueError(f"--cheat.poison must be one of {', '.join(POISONS)}, not {poison_kind!r}")
+        if poison_kind == "average":  # before the trainer starts its averager processes, which inherit it
+            install_average_poison(poison_from)
         super().__init__(config)
         self.poison_kind, self.poison_from = poison_kind, poison_from
         self.poisoned_rounds = 0
@@ -271,6 +274,30 @@ class InflaterMiner(Miner):
 
         threading.Thread(target=inflate, name="inflater", daemon=True).start()
         super().train()
+
+
+def install_average_poison(from_round: int = 0) -> Callable[[], None]:
+    """From the `from_round`-th all-reduce of each averager process on, this peer's reducer returns the
+    robust average x -100 (`POISON_SCALE`) for its span, to every member alike; returns the undo."""
+    from ..swarm.hivemind_private import allreduce
+
+    runner, honest_average = allreduce.ConsensusAllReduceRunner, allreduce.robust_average
+    honest_init, rounds = runner.__init__, [0]
+
+    def counting_init(self, *args, **kwargs) -> None:
+        rounds[0] += 1
+        honest_init(self, *args, **kwargs)
+
+    def poisoned_average(parts, weights, rule):
+        average, verdicts = honest_average(parts, weights, rule)
+        return (average * POISON_SCALE if rounds[0] > from_round else average), verdicts
+
+    runner.__init__, allreduce.robust_average = counting_init, poisoned_average
+
+    def undo() -> None:
+        runner.__init__, allreduce.robust_average = honest_init, honest_average
+
+    return undo
 
 
 def install_framing() -> Callable[[], None]:

@@ -93,7 +93,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
               ("--plot", Path, None, "loss plot (default <work-dir>/loss.png)")]
     for flag, kind, default, text in flags:
         parser.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
-    parser.add_argument("--poison", choices=("nan", "scale", "noise"), default="scale",
+    parser.add_argument("--poison", choices=("nan", "scale", "noise", "average"), default="scale",
                         help="what poisoners send from epoch 3 on (default: scale)")
     parser.add_argument("--keep", action="store_true", help="resume in the existing work dir instead of wiping it")
     args = parser.parse_args(argv)

@@ -35,6 +35,10 @@ from .setup import NeuronParts, build_neuron_parts, open_identity
 
 logger = logging.getLogger(__name__)
 
+# epochs of the shared model a miner keeps to answer from: its newest and the one before, for a
+# validator whose newest is an epoch behind (one more copy of the model in host memory)
+ANSWER_EPOCHS = 2
+
 
 class Miner:
     """Composes the trainer, the page stream, the endpoint and the chain for one miner."""
@@ -65,7 +69,7 @@ class Miner:
         try:
             self.parts = build_neuron_parts(self.config, self.metrics, self.identity)
             install_stop_handlers(self.stop_event)  # hivemind's averagers set SIGINT to "ignore" in this process
-            self.snapshots = ModelSnapshots(self.parts.model, keep=1)
+            self.snapshots = ModelSnapshots(self.parts.model, keep=ANSWER_EPOCHS)
             self._resume()
             self._start_endpoint()
             self._join_swarm()
@@ -206,7 +210,7 @@ class Miner:
         from ..transport.server import RequestError  # only ever called by that server
 
         parts, cfg = self.parts, self.config
-        epoch = self.snapshots.latest_epoch() if self.snapshots else None
+        epoch = self._answer_epoch(req.epoch_hint) if self.snapshots else None
         if self.stop_event.is_set() or parts is None or epoch is None:
             raise RequestError("miner is not ready to answer", status=503)
         if req.run_id != cfg.neuron.run_id:
@@ -223,6 +227,13 @@ class Miner:
                            validator=caller_hotkey)
         return WorkResponse(run_id=req.run_id, round=req.round, epoch=epoch, peer_id=parts.peer_id,
                             losses=losses, samples_trained=parts.trainer.samples_trained)
+
+    def _answer_epoch(self, hint: Optional[int]) -> Optional[int]:
+        """The epoch whose copy answers: the validator's (`epoch_hint`, the newest model it holds) if this
+        miner still holds it, else the newest. A validator that last caught up an epoch ago then checks
+        against the model it has, not one it never saw."""
+        held = self.snapshots.epochs()
+        return hint if hint in held else (held[-1] if held else None)
 
     def answer_pages(self, req: WorkRequest) -> list[int]:
         """The pages whose losses the answer carries: the requested ones."""

@@ -108,8 +108,9 @@ class Validator:
         sampled = self.rng.sample(miners, min(cfg.neuron.sample_size, len(miners)))
         round_id = block
         source = self.parts.source
+        held_epoch = max(self.follower.epochs(), default=self.follower.swarm_epoch)  # the newest model it can check
         requests = {
-            n.uid: WorkRequest(run_id=cfg.neuron.run_id, round=round_id, epoch_hint=self.follower.swarm_epoch,
+            n.uid: WorkRequest(run_id=cfg.neuron.run_id, round=round_id, epoch_hint=held_epoch,
                                pages=assign_pages(n.uid, round_id, cfg.data.seed,
                                                   pages_per_uid=cfg.neuron.pages_per_round,
                                                   num_pages=source.num_pages))

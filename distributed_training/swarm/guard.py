@@ -17,11 +17,14 @@ own reducer that the rule counts (`verdict_reports`). Refusals are logged once p
 A peer the board refuses counts for nothing in this peer's progress either (`unbanned`): its samples
 would not be in the average, so counting them would end epochs on less of the swarm's work.
 
-Who saw it matters: a ban on this peer's own reducer's finding is posted as seen (and published to
-validators), one adopted from another reducer's word is posted as heard (`HEARD`: refused here
-alike, so the group stays of one mind, but never published: one lying reducer must not make every
-member accuse its victim to validators). A reducer that says this peer's parts were not finite when
-this peer sent only finite values lied: this peer bans it, as seen.
+Who saw it matters. A ban on this peer's own finding (its reducer's verdict, a reducer's word on
+itself, or a reducer caught lying) refuses the peer at matchmaking and state sharing and is
+published to validators. One on another reducer's word (`HEARD`) only makes this peer's reducer
+count the accused's parts for nothing, and is never published: a lying reducer can then neither
+split the swarm nor have its victim accused. A group already formed is never failed for a ban
+(`ignore`): members ban on what each saw, and failing would fork the swarm over one member's view.
+A reducer that calls this peer's finite parts non-finite, or whose average is out of bound
+(`ConsensusAllReduceRunner.out_of_bound_reducers`), lied: this peer bans it on its own finding.
 """
 
 from __future__ import annotations
@@ -55,14 +58,22 @@ class BanRule:
             raise ValueError(f"ban_rounds and clip_strikes must be at least 1, not {self.ban_rounds}, {self.clip_strikes}")
 
 
-def board_refuses(board: Path, peer: str) -> bool:
-    """Whether an entry on `board` refuses `peer` (names are `<source>-<peer>`, compared exactly: a peer
-    id is never a pattern)."""
+def _board_names(board: Path) -> list[str]:
     try:
-        names = [entry.name for entry in board.iterdir()]
+        return [entry.name for entry in board.iterdir()]
     except OSError:
-        return False
-    return any(name.removesuffix(HEARD).partition("-")[2] == peer for name in names if not name.endswith(REPORT))
+        return []
+
+
+def board_refuses(board: Path, peer: str) -> bool:
+    """Whether an entry on `board` refuses `peer` outright: a ban this peer's own averagers or checks
+    found (names are `<source>-<peer>`, compared exactly: a peer id is never a pattern)."""
+    return any(name.partition("-")[2] == peer for name in _board_names(board))
+
+
+def board_ignores(board: Path, peer: str) -> bool:
+    """Whether `peer`'s parts count for nothing here: refused, or banned on another reducer's word."""
+    return any(name.removesuffix(HEARD).partition("-")[2] == peer for name in _board_names(board))
 
 
 Binding = TypeVar("Binding")
@@ -103,52 +114,72 @@ class AveragingGuard:
         self.banned_until: dict[str, int] = {}  # peer -> first round it is admitted again
         self.strikes: dict[str, int] = {}
         self.offences: dict[str, int] = {}  # bans so far, by peer: each doubles the next one
-        self._logged: set[tuple[str, str]] = set()
+        self.hearsay: set[str] = set()  # banned peers whose ban rests on another reducer's word only
+        self._logged: set[tuple[str, str, Optional[str]]] = set()
 
     def _posted(self, peer: str, heard: bool = False) -> Path:
         return self.board / f"{self.name}-{peer}{HEARD if heard else ''}"
 
-    def ban_reason(self, peer: str) -> Optional[str]:
+    def ban_reason(self, peer: str, heard: bool = False) -> Optional[str]:
+        """Why `peer` is banned here, if it is: on this peer's own finding, or also (`heard`) on another
+        reducer's word."""
         until = self.banned_until.get(peer)
         if until is not None and self.rounds >= until:
             del self.banned_until[peer]
+            self.hearsay.discard(peer)
             if self.board is not None:
                 self._posted(peer).unlink(missing_ok=True)
                 self._posted(peer, heard=True).unlink(missing_ok=True)
             until = None
-        if until is not None:
+        if until is not None and (heard or peer not in self.hearsay):
             return f"banned for {until - self.rounds} more round(s)"
-        if self.board is not None and board_refuses(self.board, peer):
+        if self.board is not None and (board_ignores if heard else board_refuses)(self.board, peer):
             return "banned by another part of this peer"
         return None
 
     def refuse(self, peer: str, where: str) -> Optional[str]:
-        """None if `peer` may take part at `where` (matchmaking, all-reduce, group, state ...), else why not."""
+        """None if `peer` may take part at `where` (matchmaking, state, ...), else why not: no admission,
+        or a ban on this peer's own finding. A ban on another reducer's word refuses nothing (`ignore`)."""
         reason = self.ban_reason(peer)
-        if reason is None and self.admit is not None:
-            reason = self.admit(peer)
-        logged = (peer, reason.split(" for ")[0] if reason else None)  # "banned for N more" counts down
+        if reason is None:
+            reason = self.inadmissible(peer)
+        self._log(peer, where, reason)
+        return reason
+
+    def inadmissible(self, peer: str) -> Optional[str]:
+        """Why `peer` may not average at all (no valid binding), if so; bans aside."""
+        return None if self.admit is None else self.admit(peer)
+
+    def ignore(self, peer: str) -> Optional[str]:
+        """Why this peer's reducer counts `peer`'s parts for nothing in a group already formed, if it does:
+        any ban, even on another reducer's word. A group is never failed for a ban: members' bans differ
+        (each bans on what it saw), and failing would fork the swarm over one member's view."""
+        reason = self.ban_reason(peer, heard=True)
+        self._log(peer, "its parts", reason)
+        return reason
+
+    def _log(self, peer: str, where: str, reason: Optional[str]) -> None:
+        logged = (peer, where, reason.split(" for ")[0] if reason else None)  # "banned for N more" counts down
         if reason is not None and logged not in self._logged:
             self._logged.add(logged)
             logger.warning("%s: refusing %s at %s: %s", self.name, peer, where, reason)
-        return reason
 
     def record(self, verdicts: dict[str, str], members: Iterable[str], own: Optional[dict[str, str]] = None,
-               framed_by: Iterable[str] = (), me: Optional[str] = None) -> None:
+               caught: Optional[dict[str, str]] = None, me: Optional[str] = None) -> None:
         """One all-reduce round ended; `verdicts` are the round's findings by sender (those of every reducer,
         adopted alike by every member), `own` those of this peer's reducer (default: `verdicts`), which
-        the board's verdict reports and published bans carry: a peer signs only what it saw. `framed_by`:
-        the reducers that called this peer's finite parts non-finite; `me`: this peer (never banned here)."""
+        the board's verdict reports and published bans carry: a peer signs only what it saw. `caught`: the
+        reducers this peer caught lying, and how; `me`: this peer (never banned here)."""
         self.rounds += 1
-        members, framed_by = list(members), [peer for peer in framed_by if peer != me]
+        members, caught = list(members), {peer: why for peer, why in (caught or {}).items() if peer != me}
         own = verdicts if own is None else own
         self._report(own, members)
-        for accuser in framed_by:
-            self._ban(accuser, "called this peer's finite parts non-finite")
+        for liar, why in caught.items():
+            self._ban(liar, why)
         for peer in members:
             verdict = verdicts.get(peer)
             heard = own.get(peer) != verdict  # the finding is another reducer's, taken at its word
-            if peer == me or peer in framed_by:
+            if peer == me or peer in caught:
                 continue
             if verdict == NON_FINITE:
                 self._ban(peer, "sent non-finite values", heard)
@@ -179,19 +210,28 @@ class AveragingGuard:
             post_verdicts(self.board, self.name, self.rounds, found)
 
     def _ban(self, peer: str, why: str, heard: bool = False) -> None:
+        until = self.banned_until.get(peer)
+        if heard and until is not None and self.rounds < until and peer not in self.hearsay:
+            return  # already banned on this peer's own finding: hearsay changes nothing
         self.strikes.pop(peer, None)
-        self.offences[peer] = self.offences.get(peer, 0) + 1
-        rounds = self.rule.ban_rounds * 2 ** min(self.offences[peer] - 1, 10)  # a repeat offender waits longer
+        if heard:  # hearsay never escalates: a liar could make an honest peer's bans double
+            rounds = self.rule.ban_rounds
+        else:
+            self.offences[peer] = self.offences.get(peer, 0) + 1
+            rounds = self.rule.ban_rounds * 2 ** min(self.offences[peer] - 1, 10)  # a repeat offender waits longer
         self.banned_until[peer] = self.rounds + rounds
         if heard:
             why = f"{why} (another reducer's finding)"
+            self.hearsay.add(peer)
+        else:
+            self.hearsay.discard(peer)
         if self.board is not None:
             try:  # the reason, for `swarm.ban_records` to publish (only what this peer saw itself)
                 self._posted(peer, heard=not heard).unlink(missing_ok=True)
                 self._posted(peer, heard).write_text(why)
             except OSError as exc:  # the ban still holds here
                 logger.warning("%s: could not post the ban of %s for the other averagers: %s", self.name, peer, exc)
-        self._logged = {(p, r) for p, r in self._logged if p != peer}
+        self._logged = {entry for entry in self._logged if entry[0] != peer}
         logger.warning("%s: banning %s for %d rounds: %s", self.name, peer, rounds, why)
         if self.on_ban is not None:
             self.on_ban(peer, why)

@@ -56,6 +56,9 @@ class RobustRule:
     strike_factor: float = 4.0  # farther than this (for its sample count): a strike against the sender
     ban_factor: float = 16.0  # farther than this: the sender is banned at once
     norm_ban_factor: float = 8.0  # farther from the center than this many median part norms: banned at once
+    # a reducer's average longer (against a member's own parts of its span) than this many times the
+    # median reducer's is refused by the member, and the reducer banned (`ConsensusAllReduceRunner`)
+    output_bound: float = 8.0
 
     def __post_init__(self) -> None:
         if not self.clip_factor >= 1.0:
@@ -65,6 +68,9 @@ class RobustRule:
         if not self.norm_ban_factor >= 4.0:
             raise ValueError(f"norm_ban_factor must be at least 4 (an honest part's distance reaches about 3 "
                              f"median norms), not {self.norm_ban_factor}")
+        if not self.output_bound >= 4.0:
+            raise ValueError(f"output_bound must be at least 4 (honest spans' averages differ by about 2), "
+                             f"not {self.output_bound}")
         if not self.weight_cap >= 1.0:
             raise ValueError(f"weight_cap must be at least 1, not {self.weight_cap}")
 

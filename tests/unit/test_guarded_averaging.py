@@ -36,7 +36,10 @@ def _round(averagers, inputs, weights, timeouts=(20.0, 20.0, 20.0)) -> list:
     return results
 
 
-def test_a_nan_sender_is_left_out_of_the_average_then_banned_by_every_member(dht) -> None:
+def test_a_nan_sender_is_left_out_of_the_average_then_banned_by_every_member(dht, tmp_path) -> None:
+    from distributed_training.swarm.ban_records import read_board
+    from distributed_training.swarm.guard import board_ignores, board_refuses
+
     nodes = [dht] + [start_dht(DHTSettings(port=0, host_ip="127.0.0.1", initial_peers=[visible_maddrs(dht)[-1]]))
                      for _ in range(2)]
     prefix = f"guard-{uuid.uuid4().hex[:8]}"
@@ -47,15 +50,16 @@ def test_a_nan_sender_is_left_out_of_the_average_then_banned_by_every_member(dht
     # (elsewhere it sends the honest weighted mean, so the expected average is that mean in every part)
     poisoned = [(h0 * 1.0 + h1 * 3.0) / 4.0 for h0, h1 in zip(*honest)]
     poisoned[0][0, 0] = float("nan")
-    averagers = []
+    averagers, boards = [], [tmp_path / f"board{i}" for i in range(3)]
     try:
-        for node in nodes:
+        for node, board in zip(nodes, boards):
+            board.mkdir()
             averagers.append(PseudoGradientAverager(
                 [torch.zeros(shape) for shape in SHAPES], node, prefix=prefix, start=True, min_matchmaking_time=2.0,
                 request_timeout=1.0, allreduce_timeout=20.0, part_size_bytes=1024, target_group_size=3,
                 # the poisoner's finite values sit at the honest mean, so the lower-median distance is small;
                 # a wider clip keeps the honest parts unclipped and the expected average exact
-                guard=AveragingGuard("test", BanRule(ban_rounds=10)), robust_rule=RobustRule(clip_factor=4.0)))
+                guard=AveragingGuard("test", BanRule(ban_rounds=10), board=board), robust_rule=RobustRule(clip_factor=4.0)))
         poisoner = nodes[2].peer_id.to_base58()
 
         for _attempt in range(3):  # on two busy cores a round can miss a member; the three must meet once
@@ -69,16 +73,16 @@ def test_a_nan_sender_is_left_out_of_the_average_then_banned_by_every_member(dht
                 expected = (honest[0][index] * 1.0 + honest[1][index] * 3.0) / 4.0
                 assert torch.allclose(a, expected, atol=1e-5), (a - expected).abs().max()
 
-        # the honest pair now refuses the poisoner, though it sends honest values: their group is the two of them
-        for _attempt in range(3):  # again, a busy round may fail; none may ever hold the poisoner
-            results = _round(averagers, [*honest, honest[0]], [1.0, 1.0, 1.0], timeouts=(20.0, 20.0, 8.0))
-            for result in results[:2]:
-                if isinstance(result, dict):
-                    assert poisoner not in {p.to_base58() for p in result}, result
-            if any(isinstance(r, dict) and len(r) == 2 for r in results[:2]):
-                break
-        assert any(isinstance(r, dict) and len(r) == 2 for r in results[:2]), results
-        assert not (isinstance(results[2], dict) and len(results[2]) > 1), results[2]
+        # the member whose reducer saw the NaN (both, when the poisoner's own reducer owned up to it) refuses
+        # the poisoner outright and says so to validators; another member took its word: it counts the
+        # poisoner's parts for nothing but accuses it of nothing
+        witnesses = [i for i in range(2) if board_refuses(boards[i], poisoner)]
+        assert witnesses, [sorted(p.name for p in board.iterdir()) for board in boards]
+        for index in range(2):
+            if index in witnesses:
+                assert read_board(boards[index]) == {poisoner: "test: sent non-finite values"}
+            else:
+                assert board_ignores(boards[index], poisoner) and read_board(boards[index]) == {}
     finally:
         for averager in averagers:
             averager.shutdown()
@@ -89,7 +93,7 @@ def test_a_nan_sender_is_left_out_of_the_average_then_banned_by_every_member(dht
 def test_a_reducer_that_frames_a_member_is_banned_by_it_and_never_gets_it_accused(dht, tmp_path) -> None:
     from distributed_training.localnet.cheats import install_framing
     from distributed_training.swarm.ban_records import read_board
-    from distributed_training.swarm.guard import board_refuses
+    from distributed_training.swarm.guard import board_ignores, board_refuses
 
     nodes = [dht] + [start_dht(DHTSettings(port=0, host_ip="127.0.0.1", initial_peers=[visible_maddrs(dht)[-1]]))
                      for _ in range(2)]
@@ -122,10 +126,53 @@ def test_a_reducer_that_frames_a_member_is_banned_by_it_and_never_gets_it_accuse
         victim, other = victims[0], 1 - victims[0]
         assert read_board(boards[victim]) == {ids[2]: "test: called this peer's finite parts non-finite"}
         assert not board_refuses(boards[victim], ids[other]) and not board_refuses(boards[victim], ids[victim])
-        # the other honest member refuses the victim with the group (the mask is credible: one of two others),
-        # but on another reducer's word: nothing it publishes accuses the victim
-        assert board_refuses(boards[other], ids[victim])
+        # the other honest member took the framer's word (the mask is credible: one of two others), but on
+        # another reducer's word it only counts the victim's parts for nothing: it still groups with it
+        # (a liar cannot split the swarm), and nothing it publishes accuses the victim
+        assert board_ignores(boards[other], ids[victim]) and not board_refuses(boards[other], ids[victim])
         assert read_board(boards[other]) == {}
+    finally:
+        if undo is not None:
+            undo()
+        for averager in averagers:
+            averager.shutdown()
+        for node in nodes[1:]:
+            node.shutdown()
+
+
+def test_a_reducer_that_scales_its_average_is_refused_and_banned_by_every_member(dht, tmp_path) -> None:
+    from distributed_training.localnet.cheats import install_average_poison
+    from distributed_training.swarm.ban_records import read_board
+
+    nodes = [dht] + [start_dht(DHTSettings(port=0, host_ip="127.0.0.1", initial_peers=[visible_maddrs(dht)[-1]]))
+                     for _ in range(2)]
+    prefix = f"stray-{uuid.uuid4().hex[:8]}"
+    generator = torch.Generator().manual_seed(9)
+    honest = [[torch.randn(shape, generator=generator) for shape in SHAPES] for _ in range(3)]
+    boards = [tmp_path / f"board{i}" for i in range(3)]
+    averagers, undo = [], None
+    try:
+        for index, (node, board) in enumerate(zip(nodes, boards)):
+            board.mkdir()
+            if index == 2:  # it sends honest parts; as the reducer of its span it returns the average x -100
+                undo = install_average_poison()
+            averagers.append(PseudoGradientAverager(
+                [torch.zeros(shape) for shape in SHAPES], node, prefix=prefix, start=True, min_matchmaking_time=2.0,
+                request_timeout=1.0, allreduce_timeout=20.0, part_size_bytes=1024, target_group_size=3,
+                guard=AveragingGuard("test", BanRule(ban_rounds=5), board=board), robust_rule=RobustRule(clip_factor=4.0)))
+        undo()
+        poisoner = nodes[2].peer_id.to_base58()
+        for _attempt in range(3):  # on two busy cores a round can miss a member; the three must meet once
+            results = _round(averagers, honest, [1.0, 1.0, 1.0])
+            if all(poisoner in read_board(board) for board in boards[:2]):
+                break
+        for index in range(2):  # each honest member refused the poisoned result and banned its reducer ...
+            assert read_board(boards[index]) == {poisoner: "test: returned an average far out of bound of the parts it averaged"}
+            # ... and hivemind's retry within the step then averaged the honest pair alone
+            assert isinstance(results[index], dict) and poisoner not in {p.to_base58() for p in results[index]}, results
+            with averagers[index].get_tensors() as tensors:
+                for tensor, first, second in zip(tensors, honest[0], honest[1]):
+                    assert torch.allclose(tensor, (first + second) / 2, atol=1e-6)
     finally:
         if undo is not None:
             undo()

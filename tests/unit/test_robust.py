@@ -225,26 +225,34 @@ def test_of_three_senders_a_random_part_ten_norms_long_is_banned_where_its_dista
 
 def test_a_ban_on_another_reducers_word_is_refused_here_but_never_published(tmp_path) -> None:
     from distributed_training.swarm.ban_records import read_board
-    from distributed_training.swarm.guard import board_refuses
+    from distributed_training.swarm.guard import board_ignores, board_refuses
     guard = AveragingGuard("gradients", BanRule(ban_rounds=2), board=tmp_path)
     members = ["me", "seen", "heard", "reducer"]
     guard.record({"seen": NON_FINITE, "heard": NON_FINITE, "me": NON_FINITE}, members,
                  own={"seen": NON_FINITE}, me="me")
-    assert guard.refuse("seen", "group") and guard.refuse("heard", "group")  # the group stays of one mind
+    assert guard.refuse("seen", "matchmaking") and guard.ignore("seen")
+    # another reducer's word only makes this peer count the accused's parts for nothing: it refuses nothing,
+    # so a liar cannot split the swarm (and a group is never failed for a ban)
+    assert guard.refuse("heard", "matchmaking") is None and guard.ignore("heard")
     assert guard.refuse("me", "group") is None  # another reducer's word never bans this peer from itself
-    assert board_refuses(tmp_path, "heard") and not board_refuses(tmp_path, "me")
+    assert not board_refuses(tmp_path, "heard") and board_ignores(tmp_path, "heard")
+    assert board_refuses(tmp_path, "seen") and not board_ignores(tmp_path, "me")
     assert set(read_board(tmp_path)) == {"seen"}  # validators hear only what this peer saw
     assert "another reducer's finding" in (tmp_path / "gradients-heard.heard").read_text()
     guard.record({}, [])
     guard.record({}, [])
-    assert guard.refuse("heard", "group") is None and guard.refuse("seen", "group") is None
+    assert guard.ignore("heard") is None and guard.refuse("seen", "group") is None
     assert not list(tmp_path.glob("gradients-*"))  # both posts taken down
+    for _ in range(3):  # hearsay never escalates: each ban on another's word lasts the base length
+        guard.record({"heard": NON_FINITE}, ["heard"], own={})
+        assert guard.banned_until["heard"] == guard.rounds + 2
 
 
 def test_a_reducer_that_calls_finite_parts_non_finite_is_banned_and_its_word_dropped(tmp_path) -> None:
     from distributed_training.swarm.ban_records import read_board
     guard = AveragingGuard("gradients", BanRule(ban_rounds=2), board=tmp_path)
-    guard.record({"me": NON_FINITE}, ["me", "framer", "other"], own={}, framed_by=["framer"], me="me")
+    guard.record({"me": NON_FINITE}, ["me", "framer", "other"], own={},
+                 caught={"framer": "called this peer's finite parts non-finite"}, me="me")
     assert guard.refuse("framer", "group") == "banned for 2 more round(s)"
     assert read_board(tmp_path) == {"framer": "gradients: called this peer's finite parts non-finite"}
     assert guard.refuse("other", "group") is None
@@ -258,3 +266,20 @@ def test_one_reducer_may_name_at_most_a_minority_of_the_others() -> None:
     assert credible_mask({1: CLIPPED, 2: FAR_OFF}, reducer=0, num_senders=5)
     assert not credible_mask({1: CLIPPED, 2: FAR_OFF, 3: CLIPPED}, reducer=0, num_senders=5)
     assert credible_mask({1: NON_FINITE}, reducer=0, num_senders=2)  # a pair: the other is its only peer
+
+
+def test_a_reducer_counts_the_parts_of_the_senders_it_bans_for_nothing() -> None:
+    import asyncio
+
+    from distributed_training.swarm.hivemind_private.allreduce import RobustPartReducer
+
+    async def reduce(ignored: set[int]) -> list[torch.Tensor]:
+        reducer = RobustPartReducer([torch.Size([3])], 3, RobustRule(clip_factor=4.0))
+        reducer.ignored = ignored
+        parts = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0]), torch.tensor([2.0, 2.0, 2.0])]
+        return await asyncio.gather(*(reducer.accumulate_part(i, 0, part, weight=1.0) for i, part in enumerate(parts)))
+
+    assert all(torch.allclose(out, torch.tensor([2.0, 2.0, 2.0])) for out in asyncio.run(reduce(set())))
+    # sender 1 banned here: the mean of the other two (with two usable senders, the plain weighted mean),
+    # the same bytes for every sender, the banned one included
+    assert all(torch.allclose(out, torch.tensor([1.5, 2.0, 2.5])) for out in asyncio.run(reduce({1})))

@@ -364,7 +364,8 @@ def _real_miner_work(hotkey: str, num_pages: int = 100):
     miner.metrics = SimpleNamespace(write=lambda *args, **fields: None)
     miner.parts = SimpleNamespace(source=SimpleNamespace(num_pages=num_pages, page=lambda page: page),
                                   peer_id="peer-x", trainer=SimpleNamespace(samples_trained=12))
-    miner.snapshots = SimpleNamespace(latest_epoch=lambda: 5, losses_at=lambda epoch, pages: [0.5 * p for p in pages])
+    miner.snapshots = SimpleNamespace(latest_epoch=lambda: 5, epochs=lambda: [4, 5],
+                                      losses_at=lambda epoch, pages: [0.5 * p + (epoch == 4) for p in pages])
     miner.identity = SimpleNamespace(hotkey=hotkey)
     return miner
 
@@ -394,6 +395,11 @@ def test_a_request_the_real_miner_cannot_answer_is_4xx_and_one_log_line(
         ok = json.dumps({"run_id": "run-1", "round": 0, "pages": [0, 99]}).encode()
         resp = post(handle.port, WORK_PATH, ok, signed(wallets.validator, ok, me))
         assert resp.status_code == 200 and WorkResponse.model_validate_json(resp.content).losses == [0.0, 49.5]
+        for hint, epoch, losses in ((4, 4, [1.0, 50.5]), (3, 5, [0.0, 49.5])):  # the validator's epoch, if held
+            hinted = json.dumps({"run_id": "run-1", "round": 0, "pages": [0, 99], "epoch_hint": hint}).encode()
+            answer = WorkResponse.model_validate_json(post(handle.port, WORK_PATH, hinted,
+                                                           signed(wallets.validator, hinted, me)).content)
+            assert (answer.epoch, answer.losses) == (epoch, losses)
         miner.stop_event.set()
         resp = post(handle.port, WORK_PATH, ok, signed(wallets.validator, ok, me))
         assert resp.status_code == 503 and resp.json()["error"] == "miner is not ready to answer"

@@ -34,6 +34,7 @@ class RobustPartReducer(TensorPartReducer):
     def __init__(self, part_shapes, num_senders: int, rule: RobustRule):
         self.rule = rule
         self.verdicts: dict[int, str] = {}  # the round's verdicts so far, by sender index
+        self.ignored: set[int] = set()  # senders whose parts count with weight 0 (banned by this peer)
         self.part_masks: dict[int, float] = {}  # part index -> `verdicts` after it, as sent back to every sender
         self._found: dict[int, list[str]] = {}  # sender -> its verdicts on the parts reduced so far
         self._parts_done = 0
@@ -57,7 +58,7 @@ class RobustPartReducer(TensorPartReducer):
             raise BannedException(f"sender {sender_index} was banned in background")
         current_part_future = self.current_part_future
         if part_index < self.sender_failed_after[sender_index]:
-            self._received.append((sender_index, tensor_part, weight))
+            self._received.append((sender_index, tensor_part, 0.0 if sender_index in self.ignored else weight))
             self.current_part_accumulated_from += 1
             self.check_current_part_finished()
         return await current_part_future
@@ -93,12 +94,15 @@ class ConsensusAllReduceRunner(AllReduceRunner):
     outputs are absolute values; `failed_size` tells the averager whether any part failed.
     """
 
-    def __init__(self, *args: Any, robust_rule: RobustRule, **kwargs: Any):
+    def __init__(self, *args: Any, robust_rule: RobustRule, ignored: Any = (), **kwargs: Any):
+        """`ignored`: the peers (PeerID) whose parts this peer's reducer counts for nothing (its bans)."""
         super().__init__(*args, **kwargs)
         self._compressed_results: dict[int, Any] = {}
         self._remote_verdicts: dict[int, dict[int, str]] = {}  # reducer index -> its verdicts
+        self._span_norms: dict[int, list[float]] = {}  # reducer index -> [|own parts|^2, |averages|^2] over its span
         self.tensor_part_reducer = RobustPartReducer(self.tensor_part_reducer.part_shapes,
                                                      len(self.sender_peer_ids), robust_rule)
+        self.tensor_part_reducer.ignored = {index for index, peer in enumerate(self.sender_peer_ids) if peer in ignored}
 
     def _credible_remote(self, ignore: Sequence[str] = ()) -> dict[int, dict[int, str]]:
         """The remote reducers' verdicts (by their index in `ordered_peer_ids`) that `credible_mask` takes,
@@ -126,6 +130,16 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                 merged[i] = worse(merged.get(i), verdict)
         return {self.sender_peer_ids[i].to_base58(): verdict for i, verdict in merged.items()}
 
+    def confessions(self) -> dict[str, str]:
+        """What remote reducers said about their own parts, by base58 id: a peer's word against itself
+        frames nobody, so it counts as if this peer had seen it."""
+        found = {}
+        for reducer, verdicts in self._remote_verdicts.items():
+            peer = self.ordered_peer_ids[reducer]
+            if peer in self.sender_peer_ids and self.sender_peer_ids.index(peer) in verdicts:
+                found[peer.to_base58()] = verdicts[self.sender_peer_ids.index(peer)]
+        return found
+
     def non_finite_accusers(self) -> list[str]:
         """The remote reducers that said this peer's parts were not finite (base58 ids)."""
         if self.peer_id not in self.sender_peer_ids:
@@ -138,6 +152,25 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         """What this peer's reducer found, by base58 peer id: what it reports as its own (`verdict_reports`)."""
         found = self.tensor_part_reducer.verdicts
         return {self.sender_peer_ids[i].to_base58(): verdict for i, verdict in found.items()}
+
+    def _measure(self, reducer: int, part_index: int, averaged_part: torch.Tensor) -> None:
+        own = self.tensor_part_container._input_parts_by_peer[reducer][part_index][0]
+        norms = self._span_norms.setdefault(reducer, [0.0, 0.0])
+        norms[0] += float(own.double().square().sum())
+        norms[1] += float(averaged_part.double().square().sum())
+
+    def out_of_bound_reducers(self, factor: float) -> list[str]:
+        """The reducers whose average is more than `factor` times longer, against this peer's own parts of
+        their span, than the (lower) median reducer's. A robust mean stays near the parts it averages;
+        a reducer that scales or randomises its output does not, and every member sees the same bytes,
+        so every member finds it alike."""
+        ratios = {reducer: (averaged / own) ** 0.5 for reducer, (own, averaged) in self._span_norms.items()
+                  if own > 0 and averaged == averaged}
+        if not ratios:
+            return []
+        median = sorted(ratios.values())[(len(ratios) - 1) // 2]
+        return [self.ordered_peer_ids[reducer].to_base58() for reducer, ratio in ratios.items()
+                if ratio > factor * median and self.ordered_peer_ids[reducer] != self.peer_id]
 
     def _compress_result(self, part_index: int, averaged_part: torch.Tensor):
         cached = self._compressed_results.get(part_index)
@@ -158,6 +191,7 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                     sender_index, part_index, tensor_part, weight=self.weight)
                 as_sent = await loop.run_in_executor(
                     None, lambda: _deserialize(self._compress_result(part_index, averaged_part)))
+                self._measure(peer_index, part_index, as_sent)
                 self.tensor_part_container.register_processed_part(peer_index, part_index, as_sent)
             return
         try:  # hivemind's sender loop, with our decoder
@@ -176,6 +210,7 @@ class ConsensusAllReduceRunner(AllReduceRunner):
             remote = self._remote_verdicts.setdefault(peer_index, {})
             async for averaged_part, mask in amap_in_executor(_decode, aiter_with_timeout(stream, self.reducer_timeout),
                                                               max_prefetch=self.tensor_part_container.prefetch):
+                self._measure(peer_index, part_index, averaged_part)
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
                 remote.clear()  # each reply carries the reducer's verdicts on the round so far: the last counts
                 remote.update(decode_verdicts(mask, len(self.sender_peer_ids)))

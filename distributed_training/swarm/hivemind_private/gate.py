@@ -78,6 +78,11 @@ class GuardedAveraging(CheckedStateDownload):
             return None
         return self.guard.refuse(_base58(peer), where)
 
+    def inadmissible(self, peer: Any) -> Optional[str]:
+        if self.guard is None or peer == self.peer_id:
+            return None
+        return self.guard.inadmissible(_base58(peer))
+
     async def _step(self, **kwargs: Any):
         # the follower's side of matchmaking: a refused peer is never asked to lead (hivemind then asks the next)
         matchmaking = self._matchmaking
@@ -100,7 +105,9 @@ class GuardedAveraging(CheckedStateDownload):
 
     async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.AveragingData]:
-        if self.refused(context.remote_id, "all-reduce") is not None:
+        # a banned sender's stream is taken and its parts counted for nothing (`_run_allreduce_inplace_`):
+        # refusing it would fail the whole group
+        if self.inadmissible(context.remote_id) is not None:
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         async for message in super().rpc_aggregate_part(stream, context):
@@ -114,15 +121,18 @@ class GuardedAveraging(CheckedStateDownload):
             yield message
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        ignored = set()
         for peer in group_info.peer_ids:
-            reason = self.refused(peer, "group")
+            reason = self.inadmissible(peer)
             if reason is not None:
                 raise AllreduceException(f"refusing a group with {_base58(peer)}: {reason}")
+            if self.guard is not None and peer != self.peer_id and self.guard.ignore(_base58(peer)) is not None:
+                ignored.add(peer)
         group_id = group_info.group_id if group_id is None else group_id
         sent_clean = _clean(tensors, kwargs.get("weight", 1.0))
         runner = ConsensusAllReduceRunner(
             p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
-            ordered_peer_ids=group_info.peer_ids, robust_rule=self.robust_rule, **kwargs)
+            ordered_peer_ids=group_info.peer_ids, robust_rule=self.robust_rule, ignored=ignored, **kwargs)
         assert group_id in self._running_groups, f"group {group_id} was not registered"
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
@@ -132,10 +142,18 @@ class GuardedAveraging(CheckedStateDownload):
         try:
             averaged = [tensor async for tensor in runner]
         finally:
-            if self.guard is not None:
-                liars = runner.non_finite_accusers() if sent_clean else []  # their word on the others is void too
-                self.guard.record(runner.verdicts(ignore=liars), members=[_base58(p) for p in group_info.peer_ids],
-                                  own=runner.own_verdicts(), framed_by=liars, me=_base58(self.peer_id))
+            # reducers caught lying, as only a member can: about this peer's parts, or in their averages
+            caught = {peer: "called this peer's finite parts non-finite"
+                      for peer in (runner.non_finite_accusers() if sent_clean else [])}
+            stray = runner.out_of_bound_reducers(self.robust_rule.output_bound)
+            caught.update({peer: "returned an average far out of bound of the parts it averaged" for peer in stray})
+            if self.guard is not None:  # a liar's word on the others is void too, and so is a banned peer's
+                void = [*caught, *(_base58(peer) for peer in ignored)]
+                self.guard.record(runner.verdicts(ignore=void), members=[_base58(p) for p in group_info.peer_ids],
+                                  own={**runner.confessions(), **runner.own_verdicts()}, caught=caught,
+                                  me=_base58(self.peer_id))
+        if stray:
+            raise AllreduceException(f"the averages of {', '.join(stray)} are out of bound; not using them")
         failed = runner.tensor_part_container.failed_size
         if failed:
             raise AllreduceException(f"{failed} of {runner.tensor_part_container.total_size} values were not "
