@@ -33,11 +33,12 @@ TARGET = 1.02  # the honest loss with a poisoner is within 2 % of the loss witho
 
 
 def ban_epoch(drill) -> int | None:
-    """The first epoch after which no honest miner's group contains the poisoner again."""
+    """The first epoch after which no honest miner counts the poisoner's parts again (`counted`: the
+    members of its group whose parts its reducer counts; a banned one may still sit in a group)."""
     last_with = 0
     for index in range(2):
         for epoch in drill.epochs(index):
-            if drill.adversary in (epoch["group"] or ()):
+            if drill.adversary in epoch.get("counted", epoch["group"] or ()):
                 last_with = max(last_with, epoch["epoch"])
     return last_with if any(f"banning {drill.adversary}" in log for log in drill.logs.values()) else None
 
@@ -68,7 +69,7 @@ def main() -> None:
                          len(drill.skips(0)) + len(drill.skips(1)), drill.largest_difference()])
             print(rows[-1], flush=True)
     body = table(["mode", "poison", "honest held-out loss", "ratio to three honest", "ratio to two alone",
-                  "last epoch with the poisoner", "honest skipped batches", "honest parameter difference"], rows)
+                  "last epoch its parts counted", "honest skipped batches", "honest parameter difference"], rows)
     worst = max(row[3] for row in rows if not row[1].startswith("none"))
     unbanned = [f"{row[0]}/{row[1]}" for row in rows if row[5] == "not banned"]
     body += (f"\n\nTwo honest miners and one poisoner (poisoning from epoch {POISON_FROM}), {args.epochs} epochs, "
