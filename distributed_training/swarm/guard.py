@@ -19,9 +19,9 @@ would not be in the average, so counting them would end epochs on less of the sw
 
 Who saw it matters. A ban on this peer's own finding (its reducer's verdict, a reducer's word on
 itself, or a reducer caught lying) refuses the peer at matchmaking and state sharing and is
-published to validators. One on another reducer's word (`HEARD`) only makes this peer's reducer
-count the accused's parts for nothing, and is never published: a lying reducer can then neither
-split the swarm nor have its victim accused. A group already formed is never failed for a ban
+published to validators. One on another reducer's word (`HEARD`) makes this peer's reducer count
+the accused's parts for nothing and refuses it only as a leader to follow, and is never published:
+a lying reducer can then neither cut its victim off nor have it accused. A group already formed is never failed for a ban
 (`ignore`): members ban on what each saw, and failing would fork the swarm over one member's view.
 A reducer that calls this peer's finite parts non-finite, or whose average is out of bound
 (`ConsensusAllReduceRunner.out_of_bound_reducers`), lied: this peer bans it on its own finding.
@@ -139,8 +139,11 @@ class AveragingGuard:
 
     def refuse(self, peer: str, where: str) -> Optional[str]:
         """None if `peer` may take part at `where` (matchmaking, state, ...), else why not: no admission,
-        or a ban on this peer's own finding. A ban on another reducer's word refuses nothing (`ignore`)."""
-        reason = self.ban_reason(peer)
+        or a ban on this peer's own finding. A ban on another reducer's word refuses the peer only as a
+        leader to follow ("leader"): it still joins groups this peer or others lead, where its parts count
+        for nothing (`ignore`), so that a framed peer is not cut off and a poisoner's witnesses and those
+        that took their word end up in one group rather than two."""
+        reason = self.ban_reason(peer, heard=where == "leader")
         if reason is None:
             reason = self.inadmissible(peer)
         self._log(peer, where, reason)

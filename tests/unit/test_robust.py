@@ -234,6 +234,7 @@ def test_a_ban_on_another_reducers_word_is_refused_here_but_never_published(tmp_
     # another reducer's word only makes this peer count the accused's parts for nothing: it refuses nothing,
     # so a liar cannot split the swarm (and a group is never failed for a ban)
     assert guard.refuse("heard", "matchmaking") is None and guard.ignore("heard")
+    assert guard.refuse("heard", "leader")  # but it is not followed as a leader
     assert guard.refuse("me", "group") is None  # another reducer's word never bans this peer from itself
     assert not board_refuses(tmp_path, "heard") and board_ignores(tmp_path, "heard")
     assert board_refuses(tmp_path, "seen") and not board_ignores(tmp_path, "me")
