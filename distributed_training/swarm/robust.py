@@ -10,9 +10,10 @@ NaN makes every parameter of every member NaN, and one part scaled by -100 or a 
    distance to it at `tau = clip_factor * median_i ||x_i - c||` (one step of CenteredClip);
    a part beyond `strike_factor` median distances (allowing for a sender's smaller sample count)
    is a strike against its sender where at least four sent, one beyond `ban_factor` median
-   distances or `norm_ban_factor` median part norms a ban (`guard.py`): with three senders, two
+   distances or `norm_ban_factor` (6) median part norms a ban (`guard.py`): with three senders, two
    honest parts that differ put a random part ten times their norm near 16 median distances, but
-   never near 8 median norms, which an honest part (at most its norm plus the center's) stays below;
+   an honest part stays within its norm plus the center's, about 3 median norms (a sender of more
+   samples is judged against its count: its DiLoCo pseudo-gradient is longer);
 4. returns `c + sum_i w_i * clip(x_i - c) / sum_i w_i`.
 
 The bound: member j's term is `w_j * clip(x_j - c) / W`, of norm at most `w_j * tau / W`, however it
@@ -55,7 +56,9 @@ class RobustRule:
     weight_cap: float = 4.0  # a declared weight counts at most this many median weights
     strike_factor: float = 4.0  # farther than this (for its sample count): a strike against the sender
     ban_factor: float = 16.0  # farther than this: the sender is banned at once
-    norm_ban_factor: float = 8.0  # farther from the center than this many median part norms: banned at once
+    # farther from the center than this many median part norms (allowing for a sender's larger sample
+    # count, whose DiLoCo pseudo-gradient is longer): banned at once
+    norm_ban_factor: float = 6.0
     # a reducer's average longer (against a member's own parts of its span) than this many times the
     # median reducer's is refused by the member, and the reducer banned (`ConsensusAllReduceRunner`)
     output_bound: float = 8.0
@@ -123,8 +126,10 @@ def robust_average(parts: Sequence[torch.Tensor], weights: Sequence[float], rule
     # like any other, but counts against its sender only if it is far even for its sample count.
     excess = distances * torch.sqrt(torch.minimum(capped, median_weight) / median_weight)
     median_norm = _lower_median(stacked.norm(dim=1))
+    # a pseudo-gradient of more inner steps is longer (about in proportion): judged against its own count
+    long_excess = excess * torch.clamp(median_weight / capped, max=1.0)
     for row, i in enumerate(usable):
-        if excess[row] > rule.ban_factor * spread or excess[row] > rule.norm_ban_factor * median_norm:
+        if excess[row] > rule.ban_factor * spread or long_excess[row] > rule.norm_ban_factor * median_norm:
             verdicts[i] = FAR_OFF
         elif excess[row] > rule.strike_factor * spread and len(usable) >= MIN_STRIKE_SENDERS:
             verdicts[i] = CLIPPED

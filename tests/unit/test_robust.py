@@ -136,7 +136,7 @@ def test_verdicts_travel_as_a_mask_and_garbage_says_nothing() -> None:
 
 def test_a_part_from_few_samples_is_clipped_without_a_strike() -> None:
     honest = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0])]
-    far = torch.tensor([6.0, 6.0])  # 5 * sqrt(2) from the center (1, 1), tau = 4, under 8 median norms (1)
+    far = torch.tensor([5.0, 5.0])  # 4 * sqrt(2) from the center (1, 1), tau = 4, under 6 median norms (1)
     _, verdicts = robust_average([*honest, far], [4.0, 4.0, 4.0, 4.0], RULE)
     assert verdicts[3] == CLIPPED
     # the same part from 1 sample where the others had 16: its noise explains a distance 4x larger
@@ -212,13 +212,19 @@ def test_of_three_senders_a_random_part_ten_norms_long_is_banned_where_its_dista
     noise = torch.tensor([-15.0, 15.0])  # 9.5 honest norms in another direction
     # center (1, 2): distances sqrt(2), 0 and sqrt(16^2 + 13^2) = 20.6, only 14.6 median distances (sqrt 2)
     _, verdicts = robust_average([*honest, noise], [4.0, 4.0, 4.0], RULE)
-    assert verdicts == [None, None, FAR_OFF]  # 20.6 > 8 median norms (sqrt 5 = 2.24): 17.9
+    assert verdicts == [None, None, FAR_OFF]  # 20.6 > 6 median norms (sqrt 5 = 2.24): 13.4
     _, verdicts = robust_average([*honest, noise], [4.0, 4.0, 4.0], RobustRule(clip_factor=4.0, norm_ban_factor=10.0))
     assert verdicts == [None, None, None]  # 20.6 < 22.4: the norm rule is what bans it
     # an honest part three times as long as the others, in their direction, is no ban: center (2, 2),
-    # its distance 4.24 is under 8 median norms
+    # its distance 4.24 is under 6 median norms
     _, verdicts = robust_average([*honest, torch.tensor([5.0, 5.0])], [4.0, 4.0, 4.0], RULE)
     assert verdicts == [None, None, None]
+    # a pseudo-gradient of four times the others' samples is longer: (12, 12) is 14.1 from the center (2, 2),
+    # 6.3 median norms, but 1.6 against its count (14.1 / 4): no ban
+    _, verdicts = robust_average([*honest, torch.tensor([12.0, 12.0])], [4.0, 4.0, 16.0], RULE)
+    assert verdicts == [None, None, None]
+    _, verdicts = robust_average([*honest, torch.tensor([12.0, 12.0])], [4.0, 4.0, 4.0], RULE)
+    assert verdicts == [None, None, FAR_OFF]  # the same length from as many samples as the others: banned
     with pytest.raises(ValueError, match="norm_ban_factor"):
         RobustRule(norm_ban_factor=2.0)
 
