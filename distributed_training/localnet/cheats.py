@@ -276,9 +276,9 @@ class InflaterMiner(Miner):
         super().train()
 
 
-def install_average_poison(from_round: int = 0) -> Callable[[], None]:
+def install_average_poison(from_round: int = 0, scale: float = POISON_SCALE) -> Callable[[], None]:
     """From the `from_round`-th all-reduce of each averager process on, this peer's reducer returns the
-    robust average x -100 (`POISON_SCALE`) for its span, to every member alike; returns the undo."""
+    robust average x `scale` (-100) for its span, to every member alike; returns the undo."""
     from ..swarm.hivemind_private import allreduce
 
     runner, honest_average = allreduce.ConsensusAllReduceRunner, allreduce.robust_average
@@ -290,7 +290,7 @@ def install_average_poison(from_round: int = 0) -> Callable[[], None]:
 
     def poisoned_average(parts, weights, rule):
         average, verdicts = honest_average(parts, weights, rule)
-        return (average * POISON_SCALE if rounds[0] > from_round else average), verdicts
+        return (average * scale if rounds[0] > from_round else average), verdicts
 
     runner.__init__, allreduce.robust_average = counting_init, poisoned_average
 

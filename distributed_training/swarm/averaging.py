@@ -46,7 +46,8 @@ class OuterAveraging:
                  matchmaking_time: float, averaging_timeout: float, compression: str, state_source: StateSource,
                  timing: Any, progress_key: Optional[RSAPrivateKey] = None, guard: Any = None,
                  robust_rule: Optional[RobustRule] = None, bindings: Optional[BindingLookup] = None,
-                 state_check: Any = None, accuse: Optional[Callable[[str, str], None]] = None):
+                 state_check: Any = None, accuse: Optional[Callable[[str, str], None]] = None,
+                 excluded: Optional[Callable[[str], bool]] = None):
         """`progress_key` signs this peer's progress records (default: the process-wide key, as hivemind
         does); only several peers in one process, as in tests, need keys of their own. `guard` and
         `robust_rule` go to the averager (see `hivemind_private.GuardedAveraging`); `bindings` (None: no
@@ -58,7 +59,7 @@ class OuterAveraging:
         self.bindings = bindings
         self.tracker = BoundProgressTracker(dht=dht, prefix=run_id, target_batch_size=target_batch_size,
                                             private_key=progress_key, bindings=bindings, accuse=accuse,
-                                            start=True)
+                                            excluded=excluded, start=True)
         try:
             self.averager = PseudoGradientAverager(
                 list(buffers), dht, prefix=f"{run_id}_diloco", start=False, guard=guard, robust_rule=robust_rule,

@@ -111,7 +111,7 @@ class DiLoCoTrainer(Trainer):
             state_source=self._state_for_peers, timing=self.timing, progress_key=progress_key,
             guard=settings.guard("pseudo-gradients"), robust_rule=settings.robust,
             bindings=settings.bindings,  # bound peers' progress only
-            state_check=settings.state_digests, accuse=settings.accuse)
+            state_check=settings.state_digests, accuse=settings.accuse, excluded=settings.excluded)
         self._publish_digest()
 
     # -- progress -------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ class GradientAveragingTrainer(Trainer):
             guards=settings.guard,
             robust_rule=settings.robust,
             bindings=settings.bindings,  # bound peers' progress only
-            state_check=settings.state_digests, accuse=settings.accuse,
+            state_check=settings.state_digests, accuse=settings.accuse, excluded=settings.excluded,
         )
         self._undo_initial_step(seeded)
         self.optimizer.publish_digest()

@@ -12,12 +12,13 @@ import abc
 import logging
 import tempfile
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from ..swarm.guard import NEVER, AveragingGuard, BanRule, PeerAdmission, unbanned
+from ..swarm.guard import NEVER, AveragingGuard, BanRule, PeerAdmission, board_refuses, unbanned
 from ..swarm.robust import RobustRule
 from .timing import TimeSplit
 
@@ -61,6 +62,11 @@ class TrainerSettings:
         this process bans); None: nobody binds."""
         lookup = getattr(self.admit, "bindings", None)
         return None if lookup is None else unbanned(lookup, ban_board())
+
+    @property
+    def excluded(self) -> Callable[[str], bool]:
+        """Whose progress counts for nothing whether or not peers bind: the peers this process bans."""
+        return partial(board_refuses, ban_board())
 
     def guard(self, name: str) -> AveragingGuard:
         """The guard of one of this peer's averagers ("gradients", "state", "pseudo-gradients").

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 
+import pytest
 import torch
 
 from distributed_training.swarm.dht import DHTSettings, start_dht, visible_maddrs
@@ -140,7 +141,8 @@ def test_a_reducer_that_frames_a_member_is_banned_by_it_and_never_gets_it_accuse
             node.shutdown()
 
 
-def test_a_reducer_that_scales_its_average_is_refused_and_banned_by_every_member(dht, tmp_path) -> None:
+@pytest.mark.parametrize("scale", [-100.0, -1.0])  # far too long; as long, but reversed
+def test_a_reducer_that_scales_its_average_is_refused_and_banned_by_every_member(dht, tmp_path, scale) -> None:
     from distributed_training.localnet.cheats import install_average_poison
     from distributed_training.swarm.ban_records import read_board
 
@@ -155,7 +157,7 @@ def test_a_reducer_that_scales_its_average_is_refused_and_banned_by_every_member
         for index, (node, board) in enumerate(zip(nodes, boards)):
             board.mkdir()
             if index == 2:  # it sends honest parts; as the reducer of its span it returns the average x -100
-                undo = install_average_poison()
+                undo = install_average_poison(scale=scale)
             averagers.append(PseudoGradientAverager(
                 [torch.zeros(shape) for shape in SHAPES], node, prefix=prefix, start=True, min_matchmaking_time=2.0,
                 request_timeout=1.0, allreduce_timeout=20.0, part_size_bytes=1024, target_group_size=3,

@@ -99,7 +99,8 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         super().__init__(*args, **kwargs)
         self._compressed_results: dict[int, Any] = {}
         self._remote_verdicts: dict[int, dict[int, str]] = {}  # reducer index -> its verdicts
-        self._span_norms: dict[int, list[float]] = {}  # reducer index -> [|own parts|^2, |averages|^2] over its span
+        # reducer index -> [|own parts|^2, |averages|^2, own . average] over its span
+        self._span_norms: dict[int, list[float]] = {}
         self.tensor_part_reducer = RobustPartReducer(self.tensor_part_reducer.part_shapes,
                                                      len(self.sender_peer_ids), robust_rule)
         self.tensor_part_reducer.ignored = {index for index, peer in enumerate(self.sender_peer_ids) if peer in ignored}
@@ -155,22 +156,31 @@ class ConsensusAllReduceRunner(AllReduceRunner):
 
     def _measure(self, reducer: int, part_index: int, averaged_part: torch.Tensor) -> None:
         own = self.tensor_part_container._input_parts_by_peer[reducer][part_index][0]
-        norms = self._span_norms.setdefault(reducer, [0.0, 0.0])
-        norms[0] += float(own.double().square().sum())
-        norms[1] += float(averaged_part.double().square().sum())
+        norms = self._span_norms.setdefault(reducer, [0.0, 0.0, 0.0])
+        own, averaged = own.double().reshape(-1), averaged_part.double().reshape(-1)
+        norms[0] += float(own.square().sum())
+        norms[1] += float(averaged.square().sum())
+        norms[2] += float(own @ averaged)
 
-    def out_of_bound_reducers(self, factor: float) -> list[str]:
-        """The reducers whose average is more than `factor` times longer, against this peer's own parts of
-        their span, than the (lower) median reducer's. A robust mean stays near the parts it averages;
-        a reducer that scales or randomises its output does not, and every member sees the same bytes,
-        so every member finds it alike."""
-        ratios = {reducer: (averaged / own) ** 0.5 for reducer, (own, averaged) in self._span_norms.items()
-                  if own > 0 and averaged == averaged}
-        if not ratios:
+    def out_of_bound_reducers(self, factor: float, alignment: float = 0.25) -> list[str]:
+        """The reducers whose average, against this peer's own parts of their span, is more than `factor`
+        times longer than the (lower) median reducer's, or points less than `alignment` times as much
+        along this peer's own parts (cosine) as the median reducer's does. An honest average includes
+        this peer's part and others correlated with it, so it points its way in every span alike; a
+        reducer that scales, reverses or randomises its output does not. Every member sees the same
+        bytes, so every member finds it alike."""
+        spans = {reducer: values for reducer, values in self._span_norms.items()
+                 if values[0] > 0 and values[1] > 0 and all(v == v for v in values)}
+        if not spans:
             return []
-        median = sorted(ratios.values())[(len(ratios) - 1) // 2]
-        return [self.ordered_peer_ids[reducer].to_base58() for reducer, ratio in ratios.items()
-                if ratio > factor * median and self.ordered_peer_ids[reducer] != self.peer_id]
+        ratios = {reducer: (averaged / own) ** 0.5 for reducer, (own, averaged, _) in spans.items()}
+        cosines = {reducer: dot / (own * averaged) ** 0.5 for reducer, (own, averaged, dot) in spans.items()}
+        median_ratio = sorted(ratios.values())[(len(ratios) - 1) // 2]
+        median_cosine = sorted(cosines.values())[len(cosines) // 2]  # the upper median: the honest side of a pair
+        return [self.ordered_peer_ids[reducer].to_base58() for reducer in spans
+                if self.ordered_peer_ids[reducer] != self.peer_id
+                and (ratios[reducer] > factor * median_ratio
+                     or (median_cosine > 0.05 and cosines[reducer] < alignment * median_cosine))]
 
     def _compress_result(self, part_index: int, averaged_part: torch.Tensor):
         cached = self._compressed_results.get(part_index)

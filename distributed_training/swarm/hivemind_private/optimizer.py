@@ -36,20 +36,23 @@ class GroupRecordingOptimizer(hivemind.Optimizer):
         return None if self.last_group is None else len(self.last_group)
 
     def __init__(self, *args: Any, timing: Any, guards: Callable[[str], Any], robust_rule: RobustRule,
-                 bindings: Any = None, state_check: Any = None, accuse: Any = None, **kwargs: Any):
+                 bindings: Any = None, state_check: Any = None, accuse: Any = None, excluded: Any = None,
+                 **kwargs: Any):
         """`timing` is the trainer's `TimeSplit`: the blocking calls below count as communication in it.
         `guards(name)` makes the `AveragingGuard` of each averager ("gradients", "state"); `bindings`
         (a `progress.BindingLookup`, or None: no bindings) is whose progress records count."""
         self.timing = timing  # before hivemind's constructor, which may already call the methods below
         self._guards, self._robust_rule, self._bindings = guards, robust_rule, bindings
         self._state_check, self._accuse = state_check, accuse  # see GuardedAveraging, BoundProgressTracker
+        self._excluded = excluded
         super().__init__(*args, grad_averager_factory=partial(GuardedGradientAverager, guard=guards("gradients"),
                                                               robust_rule=robust_rule), **kwargs)
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> BoundProgressTracker:
         return BoundProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
                                     client_mode=self.client_mode, status_loglevel=self.status_loglevel,
-                                    bindings=self._bindings, accuse=self._accuse, start=True, **kwargs)
+                                    bindings=self._bindings, accuse=self._accuse, excluded=self._excluded,
+                                    start=True, **kwargs)
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         return GuardedStateAverager(

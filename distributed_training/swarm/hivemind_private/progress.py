@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 from hivemind.optim.progress_tracker import GlobalTrainingProgress, ProgressTracker
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from ..progress import BindingLookup, PeerProgress, bound_progress, estimate_epoch, impossible_claims
@@ -24,16 +25,28 @@ class BoundProgressTracker(ProgressTracker):
     """`ProgressTracker` whose global progress comes from bound peers only (given `bindings`)."""
 
     def __init__(self, *args: Any, bindings: Optional[BindingLookup] = None,
-                 accuse: Optional[Callable[[str, str], None]] = None, **kwargs: Any):
+                 accuse: Optional[Callable[[str, str], None]] = None,
+                 excluded: Optional[Callable[[str], bool]] = None, **kwargs: Any):
         """`accuse(peer, reason)` hears each bound peer whose record no honest peer could publish
-        (`progress.impossible_claims`): the ban board, so that it is banned and named to validators."""
-        self.bindings, self.accuse = bindings, accuse  # before hivemind's constructor, which parses the records
+        (`progress.impossible_claims`): the ban board, so that it is banned and named to validators.
+        `excluded(peer)`: whether a peer's records count for nothing without bindings too (a peer this
+        one bans: a banned poisoner that stepped on its own poison must not look like the swarm's lead)."""
+        self.bindings, self.accuse, self.excluded = bindings, accuse, excluded  # before hivemind's constructor
         self._accused: set[str] = set()
         self.last_followed: Optional[int] = None
         super().__init__(*args, **kwargs)
 
+    def _excluded(self, entry: Any) -> bool:
+        value = getattr(entry, "value", None)
+        try:
+            return self.excluded(PeerID(value["peer_id"]).to_base58())
+        except Exception:  # not a record hivemind could parse either; it skips it itself
+            return False
+
     def _parse_swarm_progress_data(self, metadata: Any) -> GlobalTrainingProgress:
         if self.bindings is None:
+            if self.excluded is not None and isinstance(metadata, dict):
+                metadata = {key: entry for key, entry in metadata.items() if not self._excluded(entry)}
             return super()._parse_swarm_progress_data(metadata)
         me = self.dht.peer_id.to_base58()
         try:
