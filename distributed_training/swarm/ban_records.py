@@ -61,8 +61,7 @@ def read_board(board: Path) -> dict[str, str]:
     for posted in sorted(board.glob("*-*")) if board.is_dir() else ():
         if posted.name.endswith(HEARD):
             continue  # another reducer's word: not this peer's to publish
-        averager, _, peer = posted.name.partition("-")
-        peer = peer.removesuffix(REPORT)
+        averager, _, peer = posted.name.removesuffix(REPORT).rpartition("-")  # "pseudo-gradients-<peer>"
         try:
             reason = posted.read_text().strip() or "banned"
         except OSError:  # lifted meanwhile

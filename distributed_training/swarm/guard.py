@@ -68,12 +68,12 @@ def _board_names(board: Path) -> list[str]:
 def board_refuses(board: Path, peer: str) -> bool:
     """Whether an entry on `board` refuses `peer` outright: a ban this peer's own averagers or checks
     found (names are `<source>-<peer>`, compared exactly: a peer id is never a pattern)."""
-    return any(name.partition("-")[2] == peer for name in _board_names(board))
+    return any(name.rpartition("-")[2] == peer for name in _board_names(board))  # averager names hold "-"
 
 
 def board_ignores(board: Path, peer: str) -> bool:
     """Whether `peer`'s parts count for nothing here: refused, or banned on another reducer's word."""
-    return any(name.removesuffix(HEARD).partition("-")[2] == peer for name in _board_names(board))
+    return any(name.removesuffix(HEARD).rpartition("-")[2] == peer for name in _board_names(board))
 
 
 Binding = TypeVar("Binding")

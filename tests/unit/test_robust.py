@@ -290,3 +290,11 @@ def test_a_reducer_counts_the_parts_of_the_senders_it_bans_for_nothing() -> None
     # sender 1 banned here: the mean of the other two (with two usable senders, the plain weighted mean),
     # the same bytes for every sender, the banned one included
     assert all(torch.allclose(out, torch.tensor([1.5, 2.0, 2.5])) for out in asyncio.run(reduce({1})))
+
+
+def test_a_ban_by_an_averager_whose_name_holds_a_dash_names_the_peer(tmp_path) -> None:
+    from distributed_training.swarm.ban_records import read_board
+    from distributed_training.swarm.guard import board_refuses
+    AveragingGuard("pseudo-gradients", BanRule(), board=tmp_path).record({"12D3KooWpeer": NON_FINITE}, ["12D3KooWpeer"])
+    assert board_refuses(tmp_path, "12D3KooWpeer")  # DiLoCo's averager: its bans were read as "gradients-<peer>"
+    assert read_board(tmp_path) == {"12D3KooWpeer": "pseudo-gradients: sent non-finite values"}
