@@ -106,7 +106,7 @@ class Miner:
         if self.config.neuron.wait_for_peers:
             logger.info("waiting for %d miners of run %s", self.config.neuron.wait_for_peers, self.config.neuron.run_id)
             parts.records.wait_for(self.config.neuron.wait_for_peers, timeout=self.config.dht.bootstrap_timeout,
-                                   bindings=parts.trainer.settings.bindings)
+                                   bindings=parts.trainer.settings.bound)
 
     def _shutdown(self) -> None:
         self.stop_event.set()

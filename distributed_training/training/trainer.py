@@ -64,6 +64,11 @@ class TrainerSettings:
         return None if lookup is None else unbanned(lookup, ban_board())
 
     @property
+    def bound(self) -> Optional[Callable]:
+        """Who is bound at all (`BoundPeers.bindings`, bans aside: a banned miner is still a miner); None: nobody binds."""
+        return getattr(self.admit, "bindings", None)
+
+    @property
     def excluded(self) -> Callable[[str], bool]:
         """Whose progress counts for nothing whether or not peers bind: the peers this process bans."""
         return partial(board_refuses, ban_board())

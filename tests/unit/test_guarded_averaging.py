@@ -16,6 +16,25 @@ from distributed_training.swarm.robust import RobustRule
 SHAPES = [(40, 30), (30,)]
 
 
+def _three_nodes(dht) -> list:
+    return [dht] + [start_dht(DHTSettings(port=0, host_ip="127.0.0.1", initial_peers=[visible_maddrs(dht)[-1]]))
+                    for _ in range(2)]
+
+
+def _averager(node, prefix: str, **kwargs) -> PseudoGradientAverager:
+    """One member of the tests' three-peer all-reduces (small parts, so that each reducer has a few)."""
+    return PseudoGradientAverager([torch.zeros(shape) for shape in SHAPES], node, prefix=prefix, start=True,
+                                  min_matchmaking_time=2.0, request_timeout=1.0, allreduce_timeout=20.0,
+                                  part_size_bytes=1024, target_group_size=3, **kwargs)
+
+
+def _shut_down(averagers, nodes) -> None:
+    for averager in averagers:
+        averager.shutdown()
+    for node in nodes[1:]:
+        node.shutdown()
+
+
 def _round(averagers, inputs, weights, timeouts=(20.0, 20.0, 20.0)) -> list:
     for averager, tensors in zip(averagers, inputs):
         with averager.get_tensors() as buffers:
@@ -41,8 +60,7 @@ def test_a_nan_sender_is_left_out_of_the_average_then_banned_by_every_member(dht
     from distributed_training.swarm.ban_records import read_board
     from distributed_training.swarm.guard import board_ignores, board_refuses
 
-    nodes = [dht] + [start_dht(DHTSettings(port=0, host_ip="127.0.0.1", initial_peers=[visible_maddrs(dht)[-1]]))
-                     for _ in range(2)]
+    nodes = _three_nodes(dht)
     prefix = f"guard-{uuid.uuid4().hex[:8]}"
     generator = torch.Generator().manual_seed(5)
     honest = [[torch.randn(shape, generator=generator) for shape in SHAPES] for _ in range(2)]
@@ -55,12 +73,10 @@ def test_a_nan_sender_is_left_out_of_the_average_then_banned_by_every_member(dht
     try:
         for node, board in zip(nodes, boards):
             board.mkdir()
-            averagers.append(PseudoGradientAverager(
-                [torch.zeros(shape) for shape in SHAPES], node, prefix=prefix, start=True, min_matchmaking_time=2.0,
-                request_timeout=1.0, allreduce_timeout=20.0, part_size_bytes=1024, target_group_size=3,
+            averagers.append(_averager(node, prefix, robust_rule=RobustRule(clip_factor=4.0),
                 # the poisoner's finite values sit at the honest mean, so the lower-median distance is small;
                 # a wider clip keeps the honest parts unclipped and the expected average exact
-                guard=AveragingGuard("test", BanRule(ban_rounds=10), board=board), robust_rule=RobustRule(clip_factor=4.0)))
+                guard=AveragingGuard("test", BanRule(ban_rounds=10), board=board)))
         poisoner = nodes[2].peer_id.to_base58()
 
         for _attempt in range(3):  # on two busy cores a round can miss a member; the three must meet once
@@ -85,10 +101,7 @@ def test_a_nan_sender_is_left_out_of_the_average_then_banned_by_every_member(dht
             else:
                 assert board_ignores(boards[index], poisoner) and read_board(boards[index]) == {}
     finally:
-        for averager in averagers:
-            averager.shutdown()
-        for node in nodes[1:]:
-            node.shutdown()
+        _shut_down(averagers, nodes)
 
 
 def test_a_reducer_that_frames_a_member_is_banned_by_it_and_never_gets_it_accused(dht, tmp_path) -> None:
@@ -96,8 +109,7 @@ def test_a_reducer_that_frames_a_member_is_banned_by_it_and_never_gets_it_accuse
     from distributed_training.swarm.ban_records import read_board
     from distributed_training.swarm.guard import board_ignores, board_refuses
 
-    nodes = [dht] + [start_dht(DHTSettings(port=0, host_ip="127.0.0.1", initial_peers=[visible_maddrs(dht)[-1]]))
-                     for _ in range(2)]
+    nodes = _three_nodes(dht)
     prefix = f"framing-{uuid.uuid4().hex[:8]}"
     generator = torch.Generator().manual_seed(7)
     honest = [[torch.randn(shape, generator=generator) for shape in SHAPES] for _ in range(3)]
@@ -109,10 +121,8 @@ def test_a_reducer_that_frames_a_member_is_banned_by_it_and_never_gets_it_accuse
             board.mkdir()
             if index == 2:  # the framer: the same averager, started with the framing all-reduce (localnet.cheats)
                 undo = install_framing()
-            averagers.append(PseudoGradientAverager(
-                [torch.zeros(shape) for shape in SHAPES], node, prefix=prefix, start=True, min_matchmaking_time=2.0,
-                request_timeout=1.0, allreduce_timeout=20.0, part_size_bytes=1024, target_group_size=3,
-                guard=AveragingGuard("test", BanRule(ban_rounds=5), board=board), robust_rule=RobustRule(clip_factor=4.0)))
+            averagers.append(_averager(node, prefix, robust_rule=RobustRule(clip_factor=4.0),
+                guard=AveragingGuard("test", BanRule(ban_rounds=5), board=board)))
         undo()
         ids = [node.peer_id.to_base58() for node in nodes]
         for _attempt in range(3):  # on two busy cores a round can miss a member; the three must meet once
@@ -135,10 +145,7 @@ def test_a_reducer_that_frames_a_member_is_banned_by_it_and_never_gets_it_accuse
     finally:
         if undo is not None:
             undo()
-        for averager in averagers:
-            averager.shutdown()
-        for node in nodes[1:]:
-            node.shutdown()
+        _shut_down(averagers, nodes)
 
 
 @pytest.mark.parametrize("scale", [-100.0, -1.0])  # far too long; as long, but reversed
@@ -146,8 +153,7 @@ def test_a_reducer_that_scales_its_average_is_refused_and_banned_by_every_member
     from distributed_training.localnet.cheats import install_average_poison
     from distributed_training.swarm.ban_records import read_board
 
-    nodes = [dht] + [start_dht(DHTSettings(port=0, host_ip="127.0.0.1", initial_peers=[visible_maddrs(dht)[-1]]))
-                     for _ in range(2)]
+    nodes = _three_nodes(dht)
     prefix = f"stray-{uuid.uuid4().hex[:8]}"
     generator = torch.Generator().manual_seed(9)
     honest = [[torch.randn(shape, generator=generator) for shape in SHAPES] for _ in range(3)]
@@ -158,10 +164,8 @@ def test_a_reducer_that_scales_its_average_is_refused_and_banned_by_every_member
             board.mkdir()
             if index == 2:  # it sends honest parts; as the reducer of its span it returns the average x -100
                 undo = install_average_poison(scale=scale)
-            averagers.append(PseudoGradientAverager(
-                [torch.zeros(shape) for shape in SHAPES], node, prefix=prefix, start=True, min_matchmaking_time=2.0,
-                request_timeout=1.0, allreduce_timeout=20.0, part_size_bytes=1024, target_group_size=3,
-                guard=AveragingGuard("test", BanRule(ban_rounds=5), board=board), robust_rule=RobustRule(clip_factor=4.0)))
+            averagers.append(_averager(node, prefix, robust_rule=RobustRule(clip_factor=4.0),
+                guard=AveragingGuard("test", BanRule(ban_rounds=5), board=board)))
         undo()
         poisoner = nodes[2].peer_id.to_base58()
         for _attempt in range(3):  # on two busy cores a round can miss a member; the three must meet once
@@ -178,7 +182,4 @@ def test_a_reducer_that_scales_its_average_is_refused_and_banned_by_every_member
     finally:
         if undo is not None:
             undo()
-        for averager in averagers:
-            averager.shutdown()
-        for node in nodes[1:]:
-            node.shutdown()
+        _shut_down(averagers, nodes)
