@@ -7,7 +7,7 @@ its guards banned and why (`guard.AveragingGuard` posts them on the process's ba
 counts only when its signing key and its peer id are those of a live binding, and the validator
 acts on an accusation only when `QUORUM` distinct bound peers, none of them the accused, make it:
 one bound peer cannot frame another alone. A record holds only what its peer saw itself: a ban
-adopted from another reducer's word (`guard.HEARD`) is refused but not published, or one lying
+adopted from another reducer's word (`guard.HEARD`) refuses the accused as a leader only and is not published, or one lying
 reducer would have every member of its group accuse its victim. The single verdicts behind them go out with each
 publication too, under a key of their own (`verdict_reports`).
 """

@@ -19,10 +19,13 @@ would not be in the average, so counting them would end epochs on less of the sw
 
 Who saw it matters. A ban on this peer's own finding (its reducer's verdict, a reducer's word on
 itself, or a reducer caught lying) refuses the peer at matchmaking and state sharing and is
-published to validators. One on another reducer's word (`HEARD`) makes this peer's reducer count
-the accused's parts for nothing and refuses it only as a leader to follow, and is never published:
-a lying reducer can then neither cut its victim off nor have it accused. A group already formed is never failed for a ban
-(`ignore`): members ban on what each saw, and failing would fork the swarm over one member's view.
+published to validators; this peer's reducer counts the banned peer's parts for nothing. One on
+another reducer's word (`HEARD`) refuses the accused only as a leader to follow, and is never
+published: a lying reducer can then neither cut its victim off, nor have it accused, nor have its
+parts left out (a member left out of one reducer's average sees that average point away from its own
+parts and takes the reducer for a liar: a framer would set honest peers against each other again).
+A group already formed is never failed for a ban (`ignore`): members ban on what each saw, and failing
+would fork the swarm over one member's view.
 A reducer that calls this peer's finite parts non-finite, or whose average is out of bound
 (`ConsensusAllReduceRunner.out_of_bound_reducers`), lied: this peer bans it on its own finding.
 """
@@ -40,7 +43,7 @@ from .verdict_reports import post_verdicts
 logger = logging.getLogger(__name__)
 
 REPORT = ".report"  # the suffix of a board entry that is published but not refused (`post_ban`)
-HEARD = ".heard"  # the suffix of a board entry that is refused but not published (another reducer's word)
+HEARD = ".heard"  # the suffix of a board entry refused as a leader only, never published (another reducer's word)
 NEVER = 2 ** 62  # `clip_strikes` that no run reaches: clipping alone never bans
 
 # Returns None if the peer (base58 id) may average with this one, else why not.
@@ -71,8 +74,8 @@ def board_refuses(board: Path, peer: str) -> bool:
     return any(name.rpartition("-")[2] == peer for name in _board_names(board))  # averager names hold "-"
 
 
-def board_ignores(board: Path, peer: str) -> bool:
-    """Whether `peer`'s parts count for nothing here: refused, or banned on another reducer's word."""
+def board_unfollowed(board: Path, peer: str) -> bool:
+    """Whether `peer` is not followed as a leader here: refused, or banned on another reducer's word."""
     return any(name.removesuffix(HEARD).rpartition("-")[2] == peer for name in _board_names(board))
 
 
@@ -133,7 +136,7 @@ class AveragingGuard:
             until = None
         if until is not None and (heard or peer not in self.hearsay):
             return f"banned for {until - self.rounds} more round(s)"
-        if self.board is not None and (board_ignores if heard else board_refuses)(self.board, peer):
+        if self.board is not None and (board_unfollowed if heard else board_refuses)(self.board, peer):
             return "banned by another part of this peer"
         return None
 
@@ -155,9 +158,9 @@ class AveragingGuard:
 
     def ignore(self, peer: str) -> Optional[str]:
         """Why this peer's reducer counts `peer`'s parts for nothing in a group already formed, if it does:
-        any ban, even on another reducer's word. A group is never failed for a ban: members' bans differ
-        (each bans on what it saw), and failing would fork the swarm over one member's view."""
-        reason = self.ban_reason(peer, heard=True)
+        a ban on this peer's own finding. A group is never failed for a ban: members' bans differ (each
+        bans on what it saw), and failing would fork the swarm over one member's view."""
+        reason = self.ban_reason(peer)
         self._log(peer, "its parts", reason)
         return reason
 

@@ -231,24 +231,24 @@ def test_of_three_senders_a_random_part_ten_norms_long_is_banned_where_its_dista
 
 def test_a_ban_on_another_reducers_word_is_refused_here_but_never_published(tmp_path) -> None:
     from distributed_training.swarm.ban_records import read_board
-    from distributed_training.swarm.guard import board_ignores, board_refuses
+    from distributed_training.swarm.guard import board_refuses, board_unfollowed
     guard = AveragingGuard("gradients", BanRule(ban_rounds=2), board=tmp_path)
     members = ["me", "seen", "heard", "reducer"]
     guard.record({"seen": NON_FINITE, "heard": NON_FINITE, "me": NON_FINITE}, members,
                  own={"seen": NON_FINITE}, me="me")
     assert guard.refuse("seen", "matchmaking") and guard.ignore("seen")
-    # another reducer's word only makes this peer count the accused's parts for nothing: it refuses nothing,
-    # so a liar cannot split the swarm (and a group is never failed for a ban)
-    assert guard.refuse("heard", "matchmaking") is None and guard.ignore("heard")
+    # another reducer's word refuses nothing and leaves the accused's parts counted, so a liar can neither
+    # split the swarm nor leave its victim out of an average (and a group is never failed for a ban)
+    assert guard.refuse("heard", "matchmaking") is None and guard.ignore("heard") is None
     assert guard.refuse("heard", "leader")  # but it is not followed as a leader
     assert guard.refuse("me", "group") is None  # another reducer's word never bans this peer from itself
-    assert not board_refuses(tmp_path, "heard") and board_ignores(tmp_path, "heard")
-    assert board_refuses(tmp_path, "seen") and not board_ignores(tmp_path, "me")
+    assert not board_refuses(tmp_path, "heard") and board_unfollowed(tmp_path, "heard")
+    assert board_refuses(tmp_path, "seen") and not board_unfollowed(tmp_path, "me")
     assert set(read_board(tmp_path)) == {"seen"}  # validators hear only what this peer saw
     assert "another reducer's finding" in (tmp_path / "gradients-heard.heard").read_text()
     guard.record({}, [])
     guard.record({}, [])
-    assert guard.ignore("heard") is None and guard.refuse("seen", "group") is None
+    assert guard.refuse("heard", "leader") is None and guard.refuse("seen", "group") is None
     assert not list(tmp_path.glob("gradients-*"))  # both posts taken down
     for _ in range(3):  # hearsay never escalates: each ban on another's word lasts the base length
         guard.record({"heard": NON_FINITE}, ["heard"], own={})

@@ -162,25 +162,29 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         norms[1] += float(averaged.square().sum())
         norms[2] += float(own @ averaged)
 
-    def out_of_bound_reducers(self, factor: float, alignment: float = 0.25) -> list[str]:
+    def out_of_bound_reducers(self, factor: float) -> dict[str, str]:
         """The reducers whose average, against this peer's own parts of their span, is more than `factor`
-        times longer than the (lower) median reducer's, or points less than `alignment` times as much
-        along this peer's own parts (cosine) as the median reducer's does. An honest average includes
-        this peer's part and others correlated with it, so it points its way in every span alike; a
-        reducer that scales, reverses or randomises its output does not. Every member sees the same
-        bytes, so every member finds it alike."""
+        times longer than the (lower) median reducer's, or points away from this peer's own parts
+        (negative cosine) while the median reducer's points along them. An honest average includes this
+        peer's part, so it points its way; how far differs by span (a span of the tied embedding's rows is
+        alike in every member, one of transformer weights is mostly batch noise: cosines of 0.8 and 0.13
+        in one local-swarm round), so only the sign is held against a reducer. A scaled or reversed
+        output is caught; a random one within the length bound is not. Every member sees the same bytes,
+        so every member finds it alike. Returns {base58 id: the figures that put it out of bound}."""
         spans = {reducer: values for reducer, values in self._span_norms.items()
                  if values[0] > 0 and values[1] > 0 and all(v == v for v in values)}
         if not spans:
-            return []
+            return {}
         ratios = {reducer: (averaged / own) ** 0.5 for reducer, (own, averaged, _) in spans.items()}
         cosines = {reducer: dot / (own * averaged) ** 0.5 for reducer, (own, averaged, dot) in spans.items()}
         median_ratio = sorted(ratios.values())[(len(ratios) - 1) // 2]
         median_cosine = sorted(cosines.values())[len(cosines) // 2]  # the upper median: the honest side of a pair
-        return [self.ordered_peer_ids[reducer].to_base58() for reducer in spans
-                if self.ordered_peer_ids[reducer] != self.peer_id
+        return {self.ordered_peer_ids[reducer].to_base58():
+                f"length x{ratios[reducer] / median_ratio:.3g} the median reducer's, "
+                f"cosine {cosines[reducer]:.3g} against its {median_cosine:.3g}, {len(spans)} spans"
+                for reducer in spans if self.ordered_peer_ids[reducer] != self.peer_id
                 and (ratios[reducer] > factor * median_ratio
-                     or (median_cosine > 0.05 and cosines[reducer] < alignment * median_cosine))]
+                     or (median_cosine > 0.05 and cosines[reducer] < 0))}
 
     def _compress_result(self, part_index: int, averaged_part: torch.Tensor):
         cached = self._compressed_results.get(part_index)

@@ -146,7 +146,8 @@ class GuardedAveraging(CheckedStateDownload):
             caught = {peer: "called this peer's finite parts non-finite"
                       for peer in (runner.non_finite_accusers() if sent_clean else [])}
             stray = runner.out_of_bound_reducers(self.robust_rule.output_bound)
-            caught.update({peer: "returned an average far out of bound of the parts it averaged" for peer in stray})
+            caught.update({peer: f"returned an average far out of bound of the parts it averaged ({why})"
+                           for peer, why in stray.items()})
             if self.guard is not None:  # a liar's word on the others is void too, and so is a banned peer's
                 void = [*caught, *(_base58(peer) for peer in ignored)]
                 self.guard.record(runner.verdicts(ignore=void), members=[_base58(p) for p in group_info.peer_ids],
