@@ -29,7 +29,7 @@ from ..protocol import IsAliveResponse, WorkRequest, WorkResponse
 from ..swarm.dht import MinerRecord
 from ..training.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from ..training.snapshots import ModelSnapshots
-from ..swarm.guard import board_refuses
+from ..swarm.guard import board_ignores
 from ..training.trainer import StepReport, ban_board
 from .entry import close_in_order, install_stop_handlers
 from .setup import NeuronParts, build_neuron_parts, open_identity
@@ -154,7 +154,7 @@ class Miner:
         self.metrics.write("epoch", epoch=report.epoch, step=self.step, loss=mean_loss, samples_per_s=rate,
                            group_size=report.group_size, group=report.group, peers=trainer.num_peers,
                            # the members whose parts this peer's reducer still counts (a banned one's count for nothing)
-                           counted=[p for p in report.group or () if not board_refuses(ban_board(), p)],
+                           counted=[p for p in report.group or () if not board_ignores(ban_board(), p)],
                            samples_trained=trainer.samples_trained,
                            # cumulative; differences between epochs split wall time into compute and network
                            **trainer.timing.as_fields())

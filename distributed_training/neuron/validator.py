@@ -30,7 +30,8 @@ from ..validation.scoring import ScoreBook
 from ..swarm.ban_records import believed_ban, read_bans
 from ..swarm.bindings import live_bindings
 from ..swarm.verdict_reports import NewReports, read_reports
-from ..validation.verify import SCORE_UNACCEPTABLE, Tolerance, Verdict, judge, matching_epoch, no_response
+from ..validation.verify import (SCORE_UNACCEPTABLE, Tolerance, Verdict, behind_the_swarm, judge, matching_epoch,
+                                 no_response)
 from .entry import close_in_order, install_stop_handlers
 from .setup import build_neuron_parts, open_identity
 
@@ -129,6 +130,12 @@ class Validator:
         self.follower.refresh()  # the swarm may have moved on while miners answered
         self._read_swarm_word()
         sync_time = time.monotonic() - sync_started
+        behind = behind_the_swarm(self.follower.epochs(), asked_epoch, self.tolerance)
+        if behind is not None:  # its own failure: scoring now would punish the miners that kept up
+            logger.warning("round skipped: %s; no miner is scored until it holds a recent model", behind)
+            self.metrics.write("round_skipped", block=block, swarm_epoch=asked_epoch, reason=behind)
+            self._maybe_set_weights(block)
+            return {}
         verify_started = time.monotonic()
         verdicts, rows = {}, []
         for neuron in sampled:

@@ -7,7 +7,7 @@ its guards banned and why (`guard.AveragingGuard` posts them on the process's ba
 counts only when its signing key and its peer id are those of a live binding, and the validator
 acts on an accusation only when `QUORUM` distinct bound peers, none of them the accused, make it:
 one bound peer cannot frame another alone. A record holds only what its peer saw itself: a ban
-adopted from another reducer's word (`guard.HEARD`) refuses the accused as a leader only and is not published, or one lying
+adopted from another reducer's word (`guard.HEARD`) is ignored but not published, or one lying
 reducer would have every member of its group accuse its victim. The single verdicts behind them go out with each
 publication too, under a key of their own (`verdict_reports`).
 """
@@ -26,7 +26,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from .bindings import PeerBinding, spoken_by_bound
-from .guard import HEARD, REPORT
+from .guard import board_entry
 from .record_bounds import RecordBounds, bounded_entries, record_keys
 from .verdict_reports import VerdictsSchema, publish_verdicts
 
@@ -59,9 +59,9 @@ def read_board(board: Path) -> dict[str, str]:
     """The bans this process's guards posted (`<averager>-<peer>` files holding the reason), by peer."""
     bans: dict[str, str] = {}
     for posted in sorted(board.glob("*-*")) if board.is_dir() else ():
-        if posted.name.endswith(HEARD):
+        averager, peer, kind = board_entry(posted.name)
+        if kind == "heard":
             continue  # another reducer's word: not this peer's to publish
-        averager, _, peer = posted.name.removesuffix(REPORT).rpartition("-")  # "pseudo-gradients-<peer>"
         try:
             reason = posted.read_text().strip() or "banned"
         except OSError:  # lifted meanwhile

@@ -19,13 +19,14 @@ would not be in the average, so counting them would end epochs on less of the sw
 
 Who saw it matters. A ban on this peer's own finding (its reducer's verdict, a reducer's word on
 itself, or a reducer caught lying) refuses the peer at matchmaking and state sharing and is
-published to validators; this peer's reducer counts the banned peer's parts for nothing. One on
-another reducer's word (`HEARD`) refuses the accused only as a leader to follow, and is never
-published: a lying reducer can then neither cut its victim off, nor have it accused, nor have its
-parts left out (a member left out of one reducer's average sees that average point away from its own
-parts and takes the reducer for a liar: a framer would set honest peers against each other again).
-A group already formed is never failed for a ban (`ignore`): members ban on what each saw, and failing
-would fork the swarm over one member's view.
+published to validators. One on another reducer's word (`HEARD`) makes this peer's reducer count
+the accused's parts for nothing (with three senders a noise poisoner is far off in one reducer's span
+and only clipped in another's) and refuses it only as a leader to follow, and is never published:
+a lying reducer can then neither cut its victim off nor have it accused. A group already formed is
+never failed for a ban (`ignore`): members ban on what each saw, and failing would fork the swarm
+over one member's view. A member that a reducer named holds no reducer's average to its direction
+for as long as the ban could last (`named_recently`): reducers that took the word may be leaving its
+parts out, so their averages need not point its way.
 A reducer that calls this peer's finite parts non-finite, or whose average is out of bound
 (`ConsensusAllReduceRunner.out_of_bound_reducers`), lied: this peer bans it on its own finding.
 """
@@ -43,7 +44,7 @@ from .verdict_reports import post_verdicts
 logger = logging.getLogger(__name__)
 
 REPORT = ".report"  # the suffix of a board entry that is published but not refused (`post_ban`)
-HEARD = ".heard"  # the suffix of a board entry refused as a leader only, never published (another reducer's word)
+HEARD = ".heard"  # the suffix of a board entry ignored and refused as a leader, never published (another reducer's word)
 NEVER = 2 ** 62  # `clip_strikes` that no run reaches: clipping alone never bans
 
 # Returns None if the peer (base58 id) may average with this one, else why not.
@@ -68,15 +69,27 @@ def _board_names(board: Path) -> list[str]:
         return []
 
 
+def board_entry(name: str) -> tuple[str, str, str]:
+    """(source, peer, kind) of a board entry's file name `<source>-<peer>[suffix]`; kind is "refused"
+    (no suffix), "heard" (`HEARD`) or "report" (`REPORT`). The peer follows the last dash: averager
+    names hold dashes ("pseudo-gradients"), peer ids never do."""
+    kind, stem = "refused", name
+    for suffix, named in ((HEARD, "heard"), (REPORT, "report")):
+        if name.endswith(suffix):
+            kind, stem = named, name.removesuffix(suffix)
+    source, _, peer = stem.rpartition("-")
+    return source, peer, kind
+
+
 def board_refuses(board: Path, peer: str) -> bool:
     """Whether an entry on `board` refuses `peer` outright: a ban this peer's own averagers or checks
-    found (names are `<source>-<peer>`, compared exactly: a peer id is never a pattern)."""
-    return any(name.rpartition("-")[2] == peer for name in _board_names(board))  # averager names hold "-"
+    found (peer ids compared exactly: a peer id is never a pattern)."""
+    return any(board_entry(name)[1:] == (peer, "refused") for name in _board_names(board))
 
 
-def board_unfollowed(board: Path, peer: str) -> bool:
-    """Whether `peer` is not followed as a leader here: refused, or banned on another reducer's word."""
-    return any(name.removesuffix(HEARD).rpartition("-")[2] == peer for name in _board_names(board))
+def board_ignores(board: Path, peer: str) -> bool:
+    """Whether `peer`'s parts count for nothing here: refused, or banned on another reducer's word."""
+    return any(board_entry(name)[1:] in ((peer, "refused"), (peer, "heard")) for name in _board_names(board))
 
 
 Binding = TypeVar("Binding")
@@ -118,6 +131,7 @@ class AveragingGuard:
         self.strikes: dict[str, int] = {}
         self.offences: dict[str, int] = {}  # bans so far, by peer: each doubles the next one
         self.hearsay: set[str] = set()  # banned peers whose ban rests on another reducer's word only
+        self.times_named, self.named_until = 0, 0  # rounds a remote reducer named this peer; until when it matters
         self._logged: set[tuple[str, str, Optional[str]]] = set()
 
     def _posted(self, peer: str, heard: bool = False) -> Path:
@@ -136,7 +150,7 @@ class AveragingGuard:
             until = None
         if until is not None and (heard or peer not in self.hearsay):
             return f"banned for {until - self.rounds} more round(s)"
-        if self.board is not None and (board_unfollowed if heard else board_refuses)(self.board, peer):
+        if self.board is not None and (board_ignores if heard else board_refuses)(self.board, peer):
             return "banned by another part of this peer"
         return None
 
@@ -156,11 +170,22 @@ class AveragingGuard:
         """Why `peer` may not average at all (no valid binding), if so; bans aside."""
         return None if self.admit is None else self.admit(peer)
 
+    def note_named(self, named: bool) -> None:
+        """Whether a remote reducer named this peer this round (`named_this_peer`): others may then count its
+        parts for nothing for as long as a ban of it could last (doubling with each offence, as bans do)."""
+        if named:
+            self.times_named += 1
+            self.named_until = self.rounds + 1 + self.rule.ban_rounds * 2 ** min(self.times_named - 1, 10)
+
+    def named_recently(self) -> bool:
+        """Whether a ban of this peer by another member, on a reducer's word, may still last."""
+        return self.rounds < self.named_until
+
     def ignore(self, peer: str) -> Optional[str]:
         """Why this peer's reducer counts `peer`'s parts for nothing in a group already formed, if it does:
-        a ban on this peer's own finding. A group is never failed for a ban: members' bans differ (each
-        bans on what it saw), and failing would fork the swarm over one member's view."""
-        reason = self.ban_reason(peer)
+        any ban, even on another reducer's word. A group is never failed for a ban: members' bans differ
+        (each bans on what it saw), and failing would fork the swarm over one member's view."""
+        reason = self.ban_reason(peer, heard=True)
         self._log(peer, "its parts", reason)
         return reason
 

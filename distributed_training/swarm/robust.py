@@ -175,6 +175,30 @@ def round_verdicts(found: dict[int, list[str]], parts: int) -> dict[int, str]:
     return verdicts
 
 
+def stray_averages(spans: dict[str, tuple[float, float, float]], factor: float, directional: bool = True
+                   ) -> dict[str, str]:
+    """The reducers whose average is out of bound against one member's own parts of their span, from
+    `spans` {reducer: (|own parts|^2, |average|^2, own . average)}: more than `factor` times longer
+    (relative to the own parts) than the lower-median reducer's, or, if `directional`, pointing away from
+    the own parts (negative cosine) while the median reducer's points along them. An honest average that
+    counts the member's part points its way; one that counts it for nothing (a ban) need not, so a member
+    that may be banned passes `directional=False`. How far it points differs by span (rows of the tied
+    embedding are alike in every member, transformer weights mostly batch noise: cosines of 0.8 and 0.13
+    in one local-swarm round), so only the sign is held against a reducer. A scaled or reversed average
+    is caught; a random one within the length bound is not. Returns {reducer: the figures}."""
+    usable = {r: v for r, v in spans.items() if v[0] > 0 and v[1] > 0 and all(x == x for x in v)}
+    if not usable:
+        return {}
+    ratios = {r: (averaged / own) ** 0.5 for r, (own, averaged, _) in usable.items()}
+    cosines = {r: dot / (own * averaged) ** 0.5 for r, (own, averaged, dot) in usable.items()}
+    median_ratio = sorted(ratios.values())[(len(ratios) - 1) // 2]
+    median_cosine = sorted(cosines.values())[len(cosines) // 2]  # the upper median: the honest side of a pair
+    return {r: f"length x{ratios[r] / median_ratio:.3g} the median reducer's, "
+               f"cosine {cosines[r]:.3g} against its {median_cosine:.3g}, {len(usable)} spans"
+            for r in usable if ratios[r] > factor * median_ratio
+            or (directional and median_cosine > 0.05 and cosines[r] < 0)}
+
+
 def worse(first: Optional[str], second: Optional[str]) -> Optional[str]:
     """The graver of two verdicts."""
     return first if _RANK[first] >= _RANK[second] else second

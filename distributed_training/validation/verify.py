@@ -64,6 +64,19 @@ def matching_epoch(reported: Sequence[float], recomputed_by_epoch: Mapping[int, 
     return None
 
 
+def behind_the_swarm(held_epochs: Sequence[int], swarm_epoch: int, tolerance: Tolerance) -> Optional[str]:
+    """Why this validator can judge no answer this round, if so: it holds no model within
+    `max_epoch_lag` of the swarm's epoch (it could not load one: forked epochs whose digests no two
+    bound peers share load nothing). Honest miners answer at the swarm's epoch, and a stale
+    validator would score them stale or mismatched; the swarm's epoch comes from bound progress
+    records, not from any miner's answer, so no miner can claim its way out of a round."""
+    newest = max(held_epochs, default=None)
+    if newest is not None and newest >= swarm_epoch - tolerance.max_epoch_lag:
+        return None
+    held = "no model" if newest is None else f"the model of epoch {newest}"
+    return f"this validator holds {held}, the swarm is at epoch {swarm_epoch}"
+
+
 def judge(*, claimed_epoch: int, swarm_epoch: int, sampled_reported: Sequence[float],
           recomputed_by_epoch: Mapping[int, Sequence[float]], contributed: bool,
           tolerance: Tolerance, latest_epoch: Optional[int] = None, banned: Optional[str] = None) -> Verdict:

@@ -59,7 +59,7 @@ def _round(averagers, inputs, weights, timeouts=(20.0, 20.0, 20.0)) -> list:
 
 def test_a_nan_sender_is_left_out_of_the_average_then_banned_by_every_member(dht, tmp_path) -> None:
     from distributed_training.swarm.ban_records import read_board
-    from distributed_training.swarm.guard import board_refuses, board_unfollowed
+    from distributed_training.swarm.guard import board_ignores, board_refuses
 
     nodes = _three_nodes(dht)
     prefix = f"guard-{uuid.uuid4().hex[:8]}"
@@ -92,15 +92,15 @@ def test_a_nan_sender_is_left_out_of_the_average_then_banned_by_every_member(dht
                 assert torch.allclose(a, expected, atol=1e-5), (a - expected).abs().max()
 
         # the member whose reducer saw the NaN (both, when the poisoner's own reducer owned up to it) refuses
-        # the poisoner outright and says so to validators; another member took its word: it does not follow
-        # the poisoner as a leader but accuses it of nothing
+        # the poisoner outright and says so to validators; another member took its word: it counts the
+        # poisoner's parts for nothing but accuses it of nothing
         witnesses = [i for i in range(2) if board_refuses(boards[i], poisoner)]
         assert witnesses, [sorted(p.name for p in board.iterdir()) for board in boards]
         for index in range(2):
             if index in witnesses:
                 assert read_board(boards[index]) == {poisoner: "test: sent non-finite values"}
             else:
-                assert board_unfollowed(boards[index], poisoner) and read_board(boards[index]) == {}
+                assert board_ignores(boards[index], poisoner) and read_board(boards[index]) == {}
     finally:
         _shut_down(averagers, nodes)
 
@@ -108,7 +108,7 @@ def test_a_nan_sender_is_left_out_of_the_average_then_banned_by_every_member(dht
 def test_a_reducer_that_frames_a_member_is_banned_by_it_and_never_gets_it_accused(dht, tmp_path) -> None:
     from distributed_training.localnet.cheats import install_framing
     from distributed_training.swarm.ban_records import read_board
-    from distributed_training.swarm.guard import board_refuses, board_unfollowed
+    from distributed_training.swarm.guard import board_ignores, board_refuses
 
     nodes = _three_nodes(dht)
     prefix = f"framing-{uuid.uuid4().hex[:8]}"
@@ -139,10 +139,9 @@ def test_a_reducer_that_frames_a_member_is_banned_by_it_and_never_gets_it_accuse
         assert read_board(boards[victim]) == {ids[2]: "test: called this peer's finite parts non-finite"}
         assert not board_refuses(boards[victim], ids[other]) and not board_refuses(boards[victim], ids[victim])
         # the other honest member took the framer's word (the mask is credible: one of two others), but on
-        # another reducer's word it only stops following the victim as a leader: it still groups with it and
-        # counts its parts (a liar can neither split the swarm nor leave its victim out of an average), and
-        # nothing it publishes accuses the victim
-        assert board_unfollowed(boards[other], ids[victim]) and not board_refuses(boards[other], ids[victim])
+        # another reducer's word it only counts the victim's parts for nothing: it still groups with it
+        # (a liar cannot split the swarm), and nothing it publishes accuses the victim
+        assert board_ignores(boards[other], ids[victim]) and not board_refuses(boards[other], ids[victim])
         assert read_board(boards[other]) == {}
     finally:
         if undo is not None:

@@ -229,26 +229,68 @@ def test_of_three_senders_a_random_part_ten_norms_long_is_banned_where_its_dista
         RobustRule(norm_ban_factor=2.0)
 
 
+def test_a_reducers_average_is_held_to_its_length_and_to_its_sign_unless_the_member_may_be_left_out() -> None:
+    from distributed_training.swarm.robust import stray_averages
+    # (|own|^2, |average|^2, own . average) per reducer's span; honest spans differ in how far they point
+    # the member's way (0.8 and 0.13 cosines were seen in one round), which is no offence
+    spans = {"a": (1.0, 0.64, 0.64), "b": (1.0, 0.09, 0.039), "c": (4.0, 2.56, 2.56)}
+    assert stray_averages(spans, 8.0) == {}
+    reversed_ = {**spans, "liar": (1.0, 0.64, -0.64)}
+    assert list(stray_averages(reversed_, 8.0)) == ["liar"]
+    assert "cosine -0.8 against its 0.8" in stray_averages(reversed_, 8.0)["liar"]
+    longer = {**spans, "liar": (1.0, 100.0 ** 2 * 0.64, 100.0 * 0.64)}  # x100, same direction
+    assert "length x100 the median" in stray_averages(longer, 8.0)["liar"]
+    # a member that may be banned (reducers that took a reducer's word leave its parts out): length only
+    assert stray_averages(reversed_, 8.0, directional=False) == {}
+    assert list(stray_averages(longer, 8.0, directional=False)) == ["liar"]
+    assert stray_averages({"a": (0.0, 1.0, 0.0), "b": (1.0, float("nan"), 0.0)}, 8.0) == {}  # nothing to judge by
+
+
+def test_a_member_a_reducer_named_holds_no_average_to_its_direction_while_a_ban_of_it_may_last() -> None:
+    guard = AveragingGuard("gradients", BanRule(ban_rounds=2))
+    assert not guard.named_recently()
+    guard.note_named(False)
+    assert not guard.named_recently()
+    guard.note_named(True)  # others that took the word ban it for 2 rounds (their count may be one behind)
+    for _ in range(3):
+        assert guard.named_recently()
+        guard.record({}, [])
+    assert not guard.named_recently()
+    guard.note_named(True)  # named again: a repeat offence, which others ban twice as long
+    for _ in range(5):
+        assert guard.named_recently()
+        guard.record({}, [])
+    assert not guard.named_recently()
+
+
+def test_board_entries_name_the_peer_after_the_last_dash_and_their_kind_by_suffix() -> None:
+    from distributed_training.swarm.guard import board_entry
+    # DiLoCo's averager is named with a dash: its bans were once read as bans of "gradients-<peer>"
+    assert board_entry("pseudo-gradients-12D3KooWAbc") == ("pseudo-gradients", "12D3KooWAbc", "refused")
+    assert board_entry("gradients-12D3KooWAbc.heard") == ("gradients", "12D3KooWAbc", "heard")
+    assert board_entry("state-12D3KooWAbc.report") == ("state", "12D3KooWAbc", "report")
+
+
 def test_a_ban_on_another_reducers_word_is_refused_here_but_never_published(tmp_path) -> None:
     from distributed_training.swarm.ban_records import read_board
-    from distributed_training.swarm.guard import board_refuses, board_unfollowed
+    from distributed_training.swarm.guard import board_ignores, board_refuses
     guard = AveragingGuard("gradients", BanRule(ban_rounds=2), board=tmp_path)
     members = ["me", "seen", "heard", "reducer"]
     guard.record({"seen": NON_FINITE, "heard": NON_FINITE, "me": NON_FINITE}, members,
                  own={"seen": NON_FINITE}, me="me")
     assert guard.refuse("seen", "matchmaking") and guard.ignore("seen")
-    # another reducer's word refuses nothing and leaves the accused's parts counted, so a liar can neither
-    # split the swarm nor leave its victim out of an average (and a group is never failed for a ban)
-    assert guard.refuse("heard", "matchmaking") is None and guard.ignore("heard") is None
+    # another reducer's word only makes this peer count the accused's parts for nothing: it refuses nothing,
+    # so a liar cannot split the swarm (and a group is never failed for a ban)
+    assert guard.refuse("heard", "matchmaking") is None and guard.ignore("heard")
     assert guard.refuse("heard", "leader")  # but it is not followed as a leader
     assert guard.refuse("me", "group") is None  # another reducer's word never bans this peer from itself
-    assert not board_refuses(tmp_path, "heard") and board_unfollowed(tmp_path, "heard")
-    assert board_refuses(tmp_path, "seen") and not board_unfollowed(tmp_path, "me")
+    assert not board_refuses(tmp_path, "heard") and board_ignores(tmp_path, "heard")
+    assert board_refuses(tmp_path, "seen") and not board_ignores(tmp_path, "me")
     assert set(read_board(tmp_path)) == {"seen"}  # validators hear only what this peer saw
     assert "another reducer's finding" in (tmp_path / "gradients-heard.heard").read_text()
     guard.record({}, [])
     guard.record({}, [])
-    assert guard.refuse("heard", "leader") is None and guard.refuse("seen", "group") is None
+    assert guard.ignore("heard") is None and guard.refuse("seen", "group") is None
     assert not list(tmp_path.glob("gradients-*"))  # both posts taken down
     for _ in range(3):  # hearsay never escalates: each ban on another's word lasts the base length
         guard.record({"heard": NON_FINITE}, ["heard"], own={})

@@ -10,7 +10,8 @@ import pytest
 from distributed_training.validation import scoring
 from distributed_training.validation.scoring import ScoreBook, ScoreBookError, UidScore
 from distributed_training.validation.verify import (
-    SCORE_ACCEPTABLE, SCORE_NO_RESPONSE, SCORE_UNACCEPTABLE, Tolerance, judge, losses_agree, no_response,
+    SCORE_ACCEPTABLE, SCORE_NO_RESPONSE, SCORE_UNACCEPTABLE, Tolerance, behind_the_swarm, judge, losses_agree,
+    no_response,
 )
 
 TOL = Tolerance(rel=0.02, max_epoch_lag=1)
@@ -22,6 +23,16 @@ def _judge(**overrides):
                   contributed=True, tolerance=TOL)
     kwargs.update(overrides)
     return judge(**kwargs)
+
+
+# --- a validator behind the swarm scores nobody --------------------------------------------------
+def test_a_validator_without_a_recent_model_judges_no_answer() -> None:
+    # the local swarm once had a validator stuck at epoch 5 (forked epochs loaded nothing) while honest
+    # miners answered at epoch 12: it scored them 0.3 for its own failure
+    assert behind_the_swarm([4, 5], 12, TOL) == "this validator holds the model of epoch 5, the swarm is at epoch 12"
+    assert behind_the_swarm([], 3, TOL) == "this validator holds no model, the swarm is at epoch 3"
+    assert behind_the_swarm([10, 11], 12, TOL) is None  # one epoch behind is within max_epoch_lag
+    assert behind_the_swarm([12], 12, TOL) is None and behind_the_swarm([0], 0, TOL) is None
 
 
 # --- judge --------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 
-from ..robust import (NON_FINITE, NothingToAverage, RobustRule, credible_mask, decode_verdicts, encode_verdicts,
-                      robust_average, round_verdicts, worse)
+from ..robust import (FAR_OFF, NON_FINITE, NothingToAverage, RobustRule, credible_mask, decode_verdicts,
+                      encode_verdicts, robust_average, round_verdicts, stray_averages, worse)
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,15 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                 found[peer.to_base58()] = verdicts[self.sender_peer_ids.index(peer)]
         return found
 
+    def named_this_peer(self) -> bool:
+        """Whether a remote reducer called this peer's parts non-finite or far off this round (credible or
+        not): the members that took its word count this peer's parts for nothing while their ban lasts."""
+        if self.peer_id not in self.sender_peer_ids:
+            return False
+        me = self.sender_peer_ids.index(self.peer_id)
+        return any(found.get(me) in (NON_FINITE, FAR_OFF) for reducer, found in self._remote_verdicts.items()
+                   if self.ordered_peer_ids[reducer] != self.peer_id)
+
     def non_finite_accusers(self) -> list[str]:
         """The remote reducers that said this peer's parts were not finite (base58 ids)."""
         if self.peer_id not in self.sender_peer_ids:
@@ -162,29 +171,14 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         norms[1] += float(averaged.square().sum())
         norms[2] += float(own @ averaged)
 
-    def out_of_bound_reducers(self, factor: float) -> dict[str, str]:
-        """The reducers whose average, against this peer's own parts of their span, is more than `factor`
-        times longer than the (lower) median reducer's, or points away from this peer's own parts
-        (negative cosine) while the median reducer's points along them. An honest average includes this
-        peer's part, so it points its way; how far differs by span (a span of the tied embedding's rows is
-        alike in every member, one of transformer weights is mostly batch noise: cosines of 0.8 and 0.13
-        in one local-swarm round), so only the sign is held against a reducer. A scaled or reversed
-        output is caught; a random one within the length bound is not. Every member sees the same bytes,
-        so every member finds it alike. Returns {base58 id: the figures that put it out of bound}."""
-        spans = {reducer: values for reducer, values in self._span_norms.items()
-                 if values[0] > 0 and values[1] > 0 and all(v == v for v in values)}
-        if not spans:
-            return {}
-        ratios = {reducer: (averaged / own) ** 0.5 for reducer, (own, averaged, _) in spans.items()}
-        cosines = {reducer: dot / (own * averaged) ** 0.5 for reducer, (own, averaged, dot) in spans.items()}
-        median_ratio = sorted(ratios.values())[(len(ratios) - 1) // 2]
-        median_cosine = sorted(cosines.values())[len(cosines) // 2]  # the upper median: the honest side of a pair
-        return {self.ordered_peer_ids[reducer].to_base58():
-                f"length x{ratios[reducer] / median_ratio:.3g} the median reducer's, "
-                f"cosine {cosines[reducer]:.3g} against its {median_cosine:.3g}, {len(spans)} spans"
-                for reducer in spans if self.ordered_peer_ids[reducer] != self.peer_id
-                and (ratios[reducer] > factor * median_ratio
-                     or (median_cosine > 0.05 and cosines[reducer] < 0))}
+    def out_of_bound_reducers(self, factor: float, directional: bool = True) -> dict[str, str]:
+        """`robust.stray_averages` over this round's reducers, against this peer's own parts of their span
+        (never this peer's own reducer). Every member sees the same bytes, so every member finds it alike.
+        Returns {base58 id: the figures that put it out of bound}."""
+        spans = {self.ordered_peer_ids[reducer].to_base58(): tuple(values)
+                 for reducer, values in self._span_norms.items()}
+        me = self.peer_id.to_base58()
+        return {peer: why for peer, why in stray_averages(spans, factor, directional).items() if peer != me}
 
     def _compress_result(self, part_index: int, averaged_part: torch.Tensor):
         cached = self._compressed_results.get(part_index)

@@ -145,7 +145,10 @@ class GuardedAveraging(CheckedStateDownload):
             # reducers caught lying, as only a member can: about this peer's parts, or in their averages
             caught = {peer: "called this peer's finite parts non-finite"
                       for peer in (runner.non_finite_accusers() if sent_clean else [])}
-            stray = runner.out_of_bound_reducers(self.robust_rule.output_bound)
+            if self.guard is not None:
+                self.guard.note_named(runner.named_this_peer())
+            directional = self.guard is None or not self.guard.named_recently()
+            stray = runner.out_of_bound_reducers(self.robust_rule.output_bound, directional=directional)
             caught.update({peer: f"returned an average far out of bound of the parts it averaged ({why})"
                            for peer, why in stray.items()})
             if self.guard is not None:  # a liar's word on the others is void too, and so is a banned peer's
