@@ -288,8 +288,8 @@ def install_average_poison(from_round: int = 0, scale: float = POISON_SCALE) -> 
         rounds[0] += 1
         honest_init(self, *args, **kwargs)
 
-    def poisoned_average(parts, weights, rule):
-        average, verdicts = honest_average(parts, weights, rule)
+    def poisoned_average(parts, weights, rule, **kwargs):
+        average, verdicts = honest_average(parts, weights, rule, **kwargs)
         return (average * scale if rounds[0] > from_round else average), verdicts
 
     runner.__init__, allreduce.robust_average = counting_init, poisoned_average

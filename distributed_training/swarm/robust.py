@@ -31,7 +31,7 @@ whose output is sent, as the same bytes, to every member (the consensus all-redu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 import torch
 
@@ -111,12 +111,14 @@ def _center(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return center, offsets, distances, _lower_median(distances)
 
 
-def robust_average(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: RobustRule
-                   ) -> tuple[torch.Tensor, list[Optional[str]]]:
-    """The robust mean of `parts` (one per sender, same shape) and each sender's verdict (None: used as sent)."""
+def robust_average(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: RobustRule,
+                   ignored: Collection[int] = ()) -> tuple[torch.Tensor, list[Optional[str]]]:
+    """The robust mean of `parts` (one per sender, same shape) and each sender's verdict (None: used as sent).
+    `ignored`: senders whose part counts for nothing (weight 0) but is judged all the same."""
     verdicts, usable, stacked, capped, median_weight = _usable(parts, weights, rule)
     shape, dtype = parts[usable[0]].shape, parts[usable[0]].dtype
     if len(usable) < MIN_MAJORITY:  # no majority to measure a distance against: the weighted mean, unclipped
+        _judge_ignored(parts, verdicts, ignored, usable, stacked, _lower_median(stacked), None, rule)
         return ((capped @ stacked) / capped.sum()).reshape(shape).to(dtype), verdicts
 
     center, offsets, distances, spread = _center(stacked)
@@ -133,9 +135,27 @@ def robust_average(parts: Sequence[torch.Tensor], weights: Sequence[float], rule
             verdicts[i] = FAR_OFF
         elif excess[row] > rule.strike_factor * spread and len(usable) >= MIN_STRIKE_SENDERS:
             verdicts[i] = CLIPPED
+    _judge_ignored(parts, verdicts, ignored, usable, stacked, center, spread, rule)
 
     average = center + (capped * scale) @ offsets / capped.sum()
     return average.reshape(shape).to(dtype), verdicts
+
+
+def _judge_ignored(parts: Sequence[torch.Tensor], verdicts: list[Optional[str]], ignored: Collection[int],
+                   usable: Sequence[int], stacked: torch.Tensor, center: torch.Tensor, spread: Optional[torch.Tensor],
+                   rule: RobustRule) -> None:
+    """Judge the parts counted for nothing (senders banned on another reducer's word) all the same, as if of
+    the median weight: else a poisoner that a framer named would be ignored by all and caught by none. With
+    fewer counted senders than `MIN_MAJORITY` only the norm rule applies (an honest part is within about 3
+    median norms of another). A zero-weight tag-along of hivemind's (a peer loading state) is not judged:
+    its gradient may be of an old model."""
+    median_norm = _lower_median(stacked.norm(dim=1))
+    for i in ignored:
+        if verdicts[i] is None and i not in usable:
+            distance = (parts[i].reshape(-1).to(torch.float32) - center).norm()
+            far = spread is not None and distance > rule.ban_factor * spread
+            if far or distance > rule.norm_ban_factor * median_norm:
+                verdicts[i] = FAR_OFF
 
 
 def influence_bound(weights: Sequence[float], member: int, parts: Sequence[torch.Tensor], rule: RobustRule) -> float:

@@ -155,6 +155,22 @@ def test_of_three_senders_a_moderate_outlier_is_clipped_but_not_struck_a_far_one
     assert verdicts[2] == FAR_OFF
 
 
+def test_a_part_counted_for_nothing_is_still_judged_so_a_framed_poisoner_is_caught() -> None:
+    honest = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0])]
+    poison = torch.tensor([-100.0, -100.0])
+    for counted in (honest, honest[:1]):  # a majority to measure against, or a lone other member (norms only)
+        average, verdicts = robust_average([*counted, poison], [1.0] * len(counted) + [0.0], RULE,
+                                           ignored=[len(counted)])
+        assert verdicts[-1] == FAR_OFF and verdicts[:-1] == [None] * len(counted)
+        assert torch.allclose(average, robust_average(counted, [1.0] * len(counted), RULE)[0])  # no influence
+        # an honest part counted for nothing is no offence, and a zero-weight tag-along is not judged at all
+        _, verdicts = robust_average([*counted, torch.tensor([0.5, 1.0])], [1.0] * len(counted) + [0.0], RULE,
+                                     ignored=[len(counted)])
+        assert verdicts[-1] is None
+        _, verdicts = robust_average([*counted, poison], [1.0] * len(counted) + [0.0], RULE)
+        assert verdicts[-1] is None
+
+
 def test_parameter_averaging_bans_for_non_finite_values_only() -> None:
     from distributed_training.swarm.guard import NEVER
     from distributed_training.training.trainer import TrainerSettings

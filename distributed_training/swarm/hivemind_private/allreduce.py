@@ -69,8 +69,9 @@ class RobustPartReducer(TensorPartReducer):
             return
         senders = [sender for sender, _, _ in self._received]
         try:
-            average, verdicts = robust_average([part for _, part, _ in self._received],
-                                               [weight for _, _, weight in self._received], self.rule)
+            average, verdicts = robust_average(
+                [part for _, part, _ in self._received], [weight for _, _, weight in self._received], self.rule,
+                ignored=[row for row, (sender, _, _) in enumerate(self._received) if sender in self.ignored])
         except NothingToAverage as exc:
             self.current_part_future.set_exception(AllreduceException(str(exc)))
             verdicts = []
