@@ -118,7 +118,8 @@ def robust_average(parts: Sequence[torch.Tensor], weights: Sequence[float], rule
     verdicts, usable, stacked, capped, median_weight = _usable(parts, weights, rule)
     shape, dtype = parts[usable[0]].shape, parts[usable[0]].dtype
     if len(usable) < MIN_MAJORITY:  # no majority to measure a distance against: the weighted mean, unclipped
-        _judge_ignored(parts, verdicts, ignored, usable, stacked, _lower_median(stacked), None, rule)
+        if ignored:
+            _judge_ignored(parts, verdicts, ignored, usable, stacked, _lower_median(stacked), None, rule)
         return ((capped @ stacked) / capped.sum()).reshape(shape).to(dtype), verdicts
 
     center, offsets, distances, spread = _center(stacked)
@@ -135,7 +136,8 @@ def robust_average(parts: Sequence[torch.Tensor], weights: Sequence[float], rule
             verdicts[i] = FAR_OFF
         elif excess[row] > rule.strike_factor * spread and len(usable) >= MIN_STRIKE_SENDERS:
             verdicts[i] = CLIPPED
-    _judge_ignored(parts, verdicts, ignored, usable, stacked, center, spread, rule)
+    if ignored:
+        _judge_ignored(parts, verdicts, ignored, usable, stacked, center, spread, rule)
 
     average = center + (capped * scale) @ offsets / capped.sum()
     return average.reshape(shape).to(dtype), verdicts

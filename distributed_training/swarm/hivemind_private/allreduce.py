@@ -145,19 +145,19 @@ class ConsensusAllReduceRunner(AllReduceRunner):
     def named_this_peer(self) -> bool:
         """Whether a remote reducer called this peer's parts non-finite or far off this round (credible or
         not): the members that took its word count this peer's parts for nothing while their ban lasts."""
-        if self.peer_id not in self.sender_peer_ids:
-            return False
-        me = self.sender_peer_ids.index(self.peer_id)
-        return any(found.get(me) in (NON_FINITE, FAR_OFF) for reducer, found in self._remote_verdicts.items()
-                   if self.ordered_peer_ids[reducer] != self.peer_id)
+        return bool(self._accusers((NON_FINITE, FAR_OFF)))
 
     def non_finite_accusers(self) -> list[str]:
         """The remote reducers that said this peer's parts were not finite (base58 ids)."""
+        return self._accusers((NON_FINITE,))
+
+    def _accusers(self, kinds: Sequence[str]) -> list[str]:
+        """The remote reducers whose verdict on this peer's parts is one of `kinds` (base58 ids)."""
         if self.peer_id not in self.sender_peer_ids:
             return []
         me = self.sender_peer_ids.index(self.peer_id)
         return [self.ordered_peer_ids[reducer].to_base58() for reducer, found in self._remote_verdicts.items()
-                if found.get(me) == NON_FINITE and self.ordered_peer_ids[reducer] != self.peer_id]
+                if found.get(me) in kinds and self.ordered_peer_ids[reducer] != self.peer_id]
 
     def own_verdicts(self) -> dict[str, str]:
         """What this peer's reducer found, by base58 peer id: what it reports as its own (`verdict_reports`)."""
